@@ -1,0 +1,1 @@
+"""The HTTP surface: the route table (routes.py) and one thin module per resource."""

@@ -1,0 +1,74 @@
+"""Blobs: GET (streamed, with Range), HEAD (metadata only), DELETE."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from regproxy import oci
+from regproxy.api.request import path_digest, registry, repo_name
+from regproxy.errors import RangeInvalid
+from regproxy.meta.base import BlobRow
+
+
+def _headers(blob: BlobRow) -> dict[str, str]:
+    return {
+        oci.CONTENT_DIGEST: str(blob.digest),
+        "Content-Type": oci.OCTET_STREAM,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000, immutable",
+    }
+
+
+def _range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """The requested byte range as (start, length), or None for the whole blob."""
+    if "Range" not in request.headers:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError as exc:
+        raise RangeInvalid(
+            f"malformed Range header {request.headers['Range'][:100]!r}",
+            headers={"Content-Range": f"bytes */{size}"},
+        ) from exc
+    start, stop, _ = wanted.indices(size)
+    if wanted.start is None and wanted.stop is None:
+        return None
+    if start >= size or stop <= start:
+        raise RangeInvalid(
+            f"range not satisfiable for a blob of {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return start, stop - start
+
+
+async def head_blob(request: web.Request) -> web.Response:
+    blob = await registry(request).get_blob(repo_name(request), path_digest(request))
+    headers = _headers(blob)
+    headers["Content-Length"] = str(blob.size)
+    return web.Response(status=200, headers=headers)
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    reg = registry(request)
+    blob = await reg.get_blob(repo_name(request), path_digest(request))
+    wanted = _range(request, blob.size)
+    path = reg.blob_path(blob)
+    if path is not None:
+        # sendfile, with Range and conditional requests handled by aiohttp.
+        return web.FileResponse(path, headers=_headers(blob))
+    start, length = wanted if wanted is not None else (0, blob.size)
+    response = web.StreamResponse(status=206 if wanted else 200, headers=_headers(blob))
+    response.content_length = length
+    if wanted:
+        response.headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{blob.size}"
+    chunks = reg.read_blob(blob, start, length)
+    await response.prepare(request)
+    async for chunk in chunks:
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    await registry(request).delete_blob(repo_name(request), path_digest(request))
+    return web.Response(status=202, headers={"Content-Length": "0"})

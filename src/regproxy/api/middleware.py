@@ -1,0 +1,92 @@
+"""Cross-cutting request handling: error bodies, common headers, the access log."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from regproxy import oci
+from regproxy.errors import (
+    NameInvalid,
+    NotFound,
+    RegistryError,
+    SizeInvalid,
+    Unsupported,
+)
+
+log = logging.getLogger("regproxy.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: RegistryError) -> web.Response:
+    body = json.dumps({"errors": [error.to_json()]})
+    response = web.Response(
+        status=error.status, text=body, content_type="application/json", headers=error.headers
+    )
+    return response
+
+
+_HTTP_ERRORS: dict[int, type[RegistryError]] = {
+    404: NotFound,
+    405: Unsupported,
+    413: SizeInvalid,
+}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        if request.path.startswith("/v2/") and "%" in request.raw_path.split("?", 1)[0]:
+            # Names, digests, tags and upload ids never need escaping; an escaped dot or
+            # slash in a path is somebody probing for a way out.
+            raise NameInvalid("percent-encoded characters are not allowed in registry paths")
+        return await handler(request)
+    except RegistryError as error:
+        return error_response(error)
+    except web.HTTPException as exc:
+        mapped = _HTTP_ERRORS.get(exc.status)
+        if mapped is None:
+            raise
+        error = mapped(exc.reason)
+        response = error_response(error)
+        response.set_status(exc.status)
+        for name in ("Allow",):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        body = {"errors": [{"code": "UNKNOWN", "message": "internal server error"}]}
+        return web.json_response(body, status=500)
+
+
+async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[oci.API_VERSION] = oci.API_VERSION_VALUE
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One JSON line per request: method, path, status, bytes, duration."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            json.dumps(
+                {
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "bytes": response.body_length,
+                    "duration_ms": round(time * 1000, 3),
+                    "remote": request.remote,
+                },
+                separators=(",", ":"),
+            )
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

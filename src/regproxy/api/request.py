@@ -1,0 +1,74 @@
+"""Decoding requests: path parameters, query parameters and streamed bodies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from regproxy import oci
+from regproxy.api.keys import CONFIG, REGISTRY
+from regproxy.errors import BlobUploadInvalid, PaginationNumberInvalid
+from regproxy.oci import Digest
+from regproxy.registry.base import Registry
+
+CHUNK_SIZE = 1 << 20
+
+
+def registry(request: web.Request) -> Registry:
+    return request.app[REGISTRY]
+
+
+def repo_name(request: web.Request) -> str:
+    return oci.parse_name(request.match_info["name"])
+
+
+def path_digest(request: web.Request, key: str = "digest") -> Digest:
+    return Digest.parse(request.match_info[key])
+
+
+def page(request: web.Request) -> tuple[str, int]:
+    """The ``last`` and ``n`` pagination parameters, ``n`` capped by the configured maximum."""
+    page_max = request.app[CONFIG].limits.page_max
+    raw = request.query.get("n")
+    if raw is None or raw == "":
+        n = page_max
+    else:
+        if not raw.isdigit():
+            raise PaginationNumberInvalid(f"n must be a non-negative integer, got {raw[:50]!r}")
+        n = min(int(raw), page_max)
+    return request.query.get("last", ""), n
+
+
+def has_body(request: web.Request) -> bool:
+    if request.content_length is not None:
+        return request.content_length > 0
+    return request.body_exists
+
+
+async def body_chunks(request: web.Request, size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+    """The request body in chunks of about ``size`` bytes, never all of it at once.
+
+    A body shorter than its ``Content-Length`` (a client that went away) is an error, so a
+    truncated upload is never mistaken for a complete one.
+    """
+    content = request.content
+    buffer = bytearray()
+    total = 0
+    while True:
+        data = await content.readany()
+        if not data:
+            break
+        total += len(data)
+        if not buffer and len(data) >= size:
+            yield data
+            continue
+        buffer += data
+        if len(buffer) >= size:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
+    expected = request.content_length
+    if expected is not None and total != expected:
+        raise BlobUploadInvalid(f"body ended after {total} of {expected} bytes")

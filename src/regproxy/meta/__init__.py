@@ -1,0 +1,1 @@
+"""Metadata: what exists (blobs, repositories, manifests, tags, uploads). The source of truth."""

@@ -1,0 +1,106 @@
+"""The metadata store interface and the rows it deals in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from regproxy.oci import Digest
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRow:
+    digest: Digest
+    size: int
+    storage_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRow:
+    digest: Digest
+    media_type: str
+    content: bytes
+    subject: Digest | None = None
+    artifact_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """Something a manifest points at: a blob, or a child manifest of an index."""
+
+    digest: Digest
+    is_manifest: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRow:
+    id: str
+    repo: str
+    algorithm: str
+    offset: int
+    state: str
+    started: float
+    updated: float
+
+
+class MetadataStore(Protocol):
+    # blobs
+    async def get_blob(self, digest: Digest) -> BlobRow | None: ...
+
+    async def get_repo_blob(self, repo: str, digest: Digest) -> BlobRow | None: ...
+
+    async def add_blob(self, repo: str, blob: BlobRow) -> BlobRow:
+        """Record a blob (the existing row wins if the digest is known) and link it to repo."""
+        ...
+
+    async def link_blob(self, repo: str, digest: Digest) -> None: ...
+
+    async def unlink_blob(self, repo: str, digest: Digest) -> bool: ...
+
+    async def delete_blob_if_unused(self, digest: Digest) -> BlobRow | None:
+        """Drop the blob's row when no repository links or manifest references it."""
+        ...
+
+    async def missing_references(self, repo: str, refs: Iterable[Reference]) -> list[Reference]:
+        ...
+
+    # manifests and tags
+    async def get_manifest(self, repo: str, digest: Digest) -> ManifestRow | None: ...
+
+    async def get_tagged_manifest(self, repo: str, tag: str) -> ManifestRow | None: ...
+
+    async def put_manifest(
+        self, repo: str, manifest: ManifestRow, refs: Sequence[Reference], tags: Sequence[str]
+    ) -> None:
+        """Store the manifest, its references and its tags in one transaction."""
+        ...
+
+    async def delete_manifest(self, repo: str, digest: Digest) -> bool:
+        """Delete a manifest and every tag pointing at it in the repository."""
+        ...
+
+    async def delete_tag(self, repo: str, tag: str) -> bool: ...
+
+    async def list_tags(self, repo: str, last: str, limit: int) -> list[str]: ...
+
+    async def repository_exists(self, repo: str) -> bool: ...
+
+    async def list_repositories(self, last: str, limit: int) -> list[str]: ...
+
+    async def referrers(
+        self, repo: str, subject: Digest, artifact_type: str | None
+    ) -> list[ManifestRow]: ...
+
+    # uploads
+    async def create_upload(self, upload: UploadRow) -> None: ...
+
+    async def get_upload(self, upload_id: str) -> UploadRow | None: ...
+
+    async def update_upload(self, upload_id: str, offset: int, state: str, now: float) -> None: ...
+
+    async def delete_upload(self, upload_id: str) -> None: ...
+
+    async def stale_uploads(self, before: float) -> list[UploadRow]: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""What the API layer calls: the Registry protocol and its implementations."""

@@ -1,0 +1,345 @@
+"""The hosted registry: repositories whose content is pushed here.
+
+Metadata says what exists; storage holds bytes by key. A blob becomes visible only after its
+bytes were verified against the digest and committed to storage, and then its row was
+committed (bytes durable -> row committed). Deleting goes the other way (row gone -> bytes
+deleted), so a crash at any point leaves at worst unreferenced bytes, never a row without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from regproxy import oci
+from regproxy.errors import (
+    BlobUnknown,
+    BlobUploadUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    RangeInvalid,
+    SizeInvalid,
+)
+from regproxy.meta.base import BlobRow, ManifestRow, MetadataStore, UploadRow
+from regproxy.oci import Digest
+from regproxy.registry.base import ContentRange
+from regproxy.registry.manifest import annotations_of, parse_manifest
+from regproxy.storage.base import BlobStore, BlobWriter
+
+log = logging.getLogger(__name__)
+
+Hasher = Any  # hashlib's hash objects have no public type
+
+
+def range_header(offset: int) -> str:
+    """The ``Range`` header value for an upload holding ``offset`` bytes."""
+    return f"0-{max(offset - 1, 0)}"
+
+
+class HostedRegistry:
+    def __init__(self, meta: MetadataStore, storage: BlobStore) -> None:
+        self.meta = meta
+        self.storage = storage
+        # The running hash of each upload this process is receiving, valid at an offset.
+        # hashlib state cannot be stored; another process re-hashes the stored prefix once.
+        self._hashers: dict[str, tuple[int, Hasher]] = {}
+        self._upload_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._digest_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    async def get_blob(self, repo: str, digest: Digest) -> BlobRow:
+        blob = await self.meta.get_repo_blob(repo, digest)
+        if blob is None:
+            raise BlobUnknown(detail={"digest": str(digest)})
+        return blob
+
+    def blob_path(self, blob: BlobRow) -> Path | None:
+        return self.storage.local_path(blob.storage_key)
+
+    def read_blob(self, blob: BlobRow, start: int, length: int) -> AsyncIterator[bytes]:
+        return self.storage.read(blob.storage_key, start, length)
+
+    async def delete_blob(self, repo: str, digest: Digest) -> None:
+        if not await self.meta.unlink_blob(repo, digest):
+            raise BlobUnknown(detail={"digest": str(digest)})
+        async with self._digest_lock(digest):
+            gone = await self.meta.delete_blob_if_unused(digest)
+            if gone is not None:
+                await self.storage.delete(gone.storage_key)
+
+    async def mount_blob(self, repo: str, digest: Digest, source: str | None) -> BlobRow | None:
+        """Link an existing blob into ``repo``: from ``source``, or from anywhere it is stored."""
+        if source is not None:
+            blob = await self.meta.get_repo_blob(source, digest)
+        else:
+            blob = await self.meta.get_blob(digest)
+        if blob is None:
+            return None
+        await self.meta.link_blob(repo, digest)
+        return blob
+
+    # -- uploads ----------------------------------------------------------------------------
+
+    async def start_upload(self, repo: str, algorithm: str = "sha256") -> UploadRow:
+        oci.check_algorithm(algorithm)
+        now = time.time()
+        upload_id = str(uuid.uuid4())
+        writer = await self.storage.open_writer(upload_id, None, 0)
+        state = await writer.suspend()
+        upload = UploadRow(upload_id, repo, algorithm, 0, state, now, now)
+        await self.meta.create_upload(upload)
+        self._hashers[upload_id] = (0, hashlib.new(algorithm))
+        return upload
+
+    async def get_upload(self, repo: str, upload_id: str) -> UploadRow:
+        upload = await self.meta.get_upload(upload_id)
+        if upload is None or upload.repo != repo:
+            raise BlobUploadUnknown(detail={"upload_id": upload_id})
+        return upload
+
+    async def append_upload(
+        self,
+        repo: str,
+        upload_id: str,
+        body: AsyncIterator[bytes],
+        content_range: ContentRange | None,
+    ) -> UploadRow:
+        async with self._upload_lock(upload_id):
+            upload = await self.get_upload(repo, upload_id)
+            if content_range is not None and content_range.start != upload.offset:
+                raise RangeInvalid(
+                    f"chunk starts at {content_range.start}, the upload holds {upload.offset}"
+                    " bytes",
+                    headers={"Range": range_header(upload.offset), oci.UPLOAD_UUID: upload_id},
+                )
+            expected = content_range.length if content_range is not None else None
+            writer, hasher = await self._resume(upload)
+            size, state = await self._receive(upload, writer, hasher, body, expected)
+            return await self._record(upload, size, state, hasher)
+
+    async def finish_upload(
+        self, repo: str, upload_id: str, body: AsyncIterator[bytes] | None, digest: Digest
+    ) -> BlobRow:
+        async with self._upload_lock(upload_id):
+            upload = await self.get_upload(repo, upload_id)
+            writer, hasher = await self._resume(upload)
+            size = upload.offset
+            if body is not None:
+                size, state = await self._receive(upload, writer, hasher, body, None)
+                upload = await self._record(upload, size, state, hasher)
+                writer, hasher = await self._resume(upload)
+            if digest.algorithm != upload.algorithm:
+                hasher = await self._hash_stored(upload, digest.algorithm)
+            if hasher.hexdigest() != digest.hex:
+                await writer.abort()
+                await self._forget(upload)
+                raise DigestInvalid(
+                    f"content has digest {digest.algorithm}:{hasher.hexdigest()}, not {digest}",
+                    detail={"digest": str(digest)},
+                )
+            async with self._digest_lock(digest):
+                key = await writer.commit(digest)
+                blob = await self.meta.add_blob(repo, BlobRow(digest, size, key))
+            if blob.storage_key != key:  # another upload of the same bytes got there first
+                await self.storage.delete(key)
+            self._hashers.pop(upload_id, None)
+            await self.meta.delete_upload(upload_id)
+            return blob
+
+    async def cancel_upload(self, repo: str, upload_id: str) -> None:
+        async with self._upload_lock(upload_id):
+            upload = await self.get_upload(repo, upload_id)
+            await self._forget(upload)
+
+    async def purge_stale_uploads(self, max_age: float) -> int:
+        """Delete uploads nobody touched for ``max_age`` seconds; returns how many."""
+        stale = await self.meta.stale_uploads(time.time() - max_age)
+        for upload in stale:
+            async with self._upload_lock(upload.id):
+                current = await self.meta.get_upload(upload.id)
+                if current is not None and current.updated == upload.updated:
+                    await self._forget(current)
+        return len(stale)
+
+    async def _forget(self, upload: UploadRow) -> None:
+        self._hashers.pop(upload.id, None)
+        await self.meta.delete_upload(upload.id)  # row first: storage never outlives the row
+        await self.storage.delete_upload(upload.id, upload.state)
+
+    async def _resume(self, upload: UploadRow) -> tuple[BlobWriter, Hasher]:
+        writer = await self.storage.open_writer(upload.id, upload.state, upload.offset)
+        cached = self._hashers.get(upload.id)
+        if cached is not None and cached[0] == upload.offset:
+            return writer, cached[1]
+        try:
+            hasher = await self._hash_stored(upload, upload.algorithm)
+        except BaseException:
+            await writer.suspend()
+            raise
+        return writer, hasher
+
+    async def _hash_stored(self, upload: UploadRow, algorithm: str) -> Hasher:
+        hasher = hashlib.new(algorithm)
+        async for chunk in self.storage.read_upload(upload.id, upload.state, upload.offset):
+            await asyncio.to_thread(hasher.update, chunk)
+        return hasher
+
+    async def _receive(
+        self,
+        upload: UploadRow,
+        writer: BlobWriter,
+        hasher: Hasher,
+        body: AsyncIterator[bytes],
+        expected: int | None,
+    ) -> tuple[int, str]:
+        """Stream a request body into the upload; all of it lands, or none of it does."""
+        before = hasher.copy()
+        try:
+            await _pipe(body, hasher, writer)
+            received = writer.size - upload.offset
+            if expected is not None and received != expected:
+                raise SizeInvalid(
+                    f"Content-Range announced {expected} bytes, the body had {received}"
+                )
+        except BaseException:
+            # Roll back to the recorded offset: the next writer truncates what came after it.
+            self._hashers[upload.id] = (upload.offset, before)
+            with suppress(Exception):
+                await writer.suspend()
+            raise
+        return writer.size, await writer.suspend()
+
+    async def _record(
+        self, upload: UploadRow, size: int, state: str, hasher: Hasher
+    ) -> UploadRow:
+        now = time.time()
+        await self.meta.update_upload(upload.id, size, state, now)
+        self._hashers[upload.id] = (size, hasher)
+        return UploadRow(
+            upload.id, upload.repo, upload.algorithm, size, state, upload.started, now
+        )
+
+    def _upload_lock(self, upload_id: str) -> asyncio.Lock:
+        return _lock_for(self._upload_locks, upload_id)
+
+    def _digest_lock(self, digest: Digest) -> asyncio.Lock:
+        return _lock_for(self._digest_locks, str(digest))
+
+    # -- manifests --------------------------------------------------------------------------
+
+    async def get_manifest(self, repo: str, reference: str) -> ManifestRow:
+        if oci.is_digest(reference):
+            manifest = await self.meta.get_manifest(repo, Digest.parse(reference))
+        else:
+            manifest = await self.meta.get_tagged_manifest(repo, oci.parse_tag(reference))
+        if manifest is None:
+            raise ManifestUnknown(detail={"reference": reference})
+        return manifest
+
+    async def put_manifest(
+        self,
+        repo: str,
+        reference: str,
+        content_type: str | None,
+        content: bytes,
+        tags: Sequence[str],
+    ) -> ManifestRow:
+        tags = [oci.parse_tag(tag) for tag in tags]
+        if oci.is_digest(reference):
+            wanted = Digest.parse(reference)
+            digest = Digest.of(content, wanted.algorithm)
+            if digest != wanted:
+                raise DigestInvalid(
+                    f"manifest has digest {digest}, not {wanted}", detail={"digest": reference}
+                )
+        else:
+            tags.insert(0, oci.parse_tag(reference))
+            digest = Digest.of(content)
+        parsed = parse_manifest(content_type, content)
+        missing = await self.meta.missing_references(repo, parsed.references)
+        if missing:
+            raise ManifestBlobUnknown(
+                f"manifest references {len(missing)} unknown blob(s) or manifest(s)",
+                detail=[{"digest": str(ref.digest)} for ref in missing],
+            )
+        manifest = ManifestRow(
+            digest, parsed.media_type, content, parsed.subject, parsed.artifact_type
+        )
+        await self.meta.put_manifest(repo, manifest, parsed.references, tags)
+        return manifest
+
+    async def delete_manifest(self, repo: str, reference: str) -> None:
+        if oci.is_digest(reference):
+            deleted = await self.meta.delete_manifest(repo, Digest.parse(reference))
+        else:
+            deleted = await self.meta.delete_tag(repo, oci.parse_tag(reference))
+        if not deleted:
+            raise ManifestUnknown(detail={"reference": reference})
+
+    # -- discovery --------------------------------------------------------------------------
+
+    async def list_tags(self, repo: str, last: str, limit: int) -> list[str]:
+        tags = await self.meta.list_tags(repo, last, limit)
+        if not tags and not await self.meta.repository_exists(repo):
+            raise NameUnknown(detail={"name": repo})
+        return tags
+
+    async def list_repositories(self, last: str, limit: int) -> list[str]:
+        return await self.meta.list_repositories(last, limit)
+
+    async def referrers(
+        self, repo: str, subject: Digest, artifact_type: str | None
+    ) -> list[dict[str, Any]]:
+        descriptors = []
+        for row in await self.meta.referrers(repo, subject, artifact_type):
+            descriptor: dict[str, Any] = {
+                "mediaType": row.media_type,
+                "digest": str(row.digest),
+                "size": len(row.content),
+            }
+            if row.artifact_type:
+                descriptor["artifactType"] = row.artifact_type
+            annotations = annotations_of(row.content)
+            if annotations:
+                descriptor["annotations"] = annotations
+            descriptors.append(descriptor)
+        return descriptors
+
+
+def _lock_for(locks: weakref.WeakValueDictionary[str, asyncio.Lock], key: str) -> asyncio.Lock:
+    lock = locks.get(key)
+    if lock is None:
+        lock = locks[key] = asyncio.Lock()
+    return lock
+
+
+async def _pipe(body: AsyncIterator[bytes], hasher: Hasher, writer: BlobWriter) -> None:
+    """Hash and write each chunk while the next one is read: three steps, in parallel."""
+    pending: asyncio.Future[Any] | None = None
+    try:
+        async for chunk in body:
+            if pending is not None:
+                await pending
+            pending = asyncio.gather(asyncio.to_thread(hasher.update, chunk), writer.write(chunk))
+        if pending is not None:
+            await pending
+            pending = None
+    finally:
+        if pending is not None:
+            with suppress(BaseException):
+                await pending

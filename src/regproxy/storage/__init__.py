@@ -1,0 +1,1 @@
+"""Blob storage: bytes by key. What exists, and where, is the metadata store's business."""

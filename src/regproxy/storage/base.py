@@ -1,0 +1,59 @@
+"""The small interface every blob storage backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+from regproxy.oci import Digest
+
+
+class BlobWriter(Protocol):
+    """Appends the bytes of one upload.
+
+    ``commit`` publishes the bytes under their content address and returns the storage key;
+    ``suspend`` keeps them for a later request (possibly in another process) and returns the
+    backend state to record with the upload; ``abort`` throws them away.
+    """
+
+    @property
+    def size(self) -> int: ...
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def suspend(self) -> str: ...
+
+    async def commit(self, digest: Digest) -> str: ...
+
+    async def abort(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    async def open_writer(self, upload_id: str, state: str | None, offset: int) -> BlobWriter:
+        """A writer for a new upload (``state`` is None) or one resumed at ``offset``.
+
+        Resuming discards any bytes stored past ``offset`` (written by a request whose
+        progress was never recorded, for example because the process was killed).
+        """
+        ...
+
+    def read_upload(self, upload_id: str, state: str, length: int) -> AsyncIterator[bytes]:
+        """The first ``length`` bytes of an upload in progress (to re-hash them)."""
+        ...
+
+    async def delete_upload(self, upload_id: str, state: str) -> None: ...
+
+    def read(self, key: str, start: int, length: int) -> AsyncIterator[bytes]:
+        """``length`` bytes of a committed blob from ``start``."""
+        ...
+
+    def local_path(self, key: str) -> Path | None:
+        """A local file holding the blob, when the backend has one (for sendfile)."""
+        ...
+
+    async def exists(self, key: str) -> bool: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def close(self) -> None: ...
