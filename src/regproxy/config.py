@@ -93,7 +93,7 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(values, key, value)
-    config = _build(Config, values, "")
+    config: Config = _build(Config, values, "")
     _validate(config)
     return config
 

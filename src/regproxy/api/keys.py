@@ -8,4 +8,4 @@ from regproxy.config import Config
 from regproxy.registry.base import Registry
 
 CONFIG = web.AppKey("config", Config)
-REGISTRY = web.AppKey("registry", Registry)  # type: ignore[type-abstract]
+REGISTRY = web.AppKey("registry", Registry)

@@ -11,6 +11,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from regproxy import oci
 from regproxy.errors import (
+    BlobUploadInvalid,
     NameInvalid,
     NotFound,
     RegistryError,
@@ -52,13 +53,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         mapped = _HTTP_ERRORS.get(exc.status)
         if mapped is None:
             raise
-        error = mapped(exc.reason)
-        response = error_response(error)
+        response = error_response(mapped(exc.reason))
         response.set_status(exc.status)
         for name in ("Allow",):
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
+    except ConnectionError as exc:
+        # The client went away mid-request; whatever it sent was rolled back.
+        log.info("client disconnected during %s %s: %s", request.method, request.path, exc)
+        return error_response(BlobUploadInvalid("the connection was lost mid-request"))
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         body = {"errors": [{"code": "UNKNOWN", "message": "internal server error"}]}

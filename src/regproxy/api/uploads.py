@@ -77,9 +77,7 @@ async def post_upload(request: web.Request) -> web.Response:
             return _created(repo, mounted)
     if "digest" in query:
         digest = Digest.parse(query["digest"])
-        upload = await reg.start_upload(repo, digest.algorithm)
-        blob = await reg.finish_upload(repo, upload.id, body_chunks(request), digest)
-        return _created(repo, blob)
+        return _created(repo, await reg.put_blob(repo, digest, body_chunks(request)))
     algorithm = oci.check_algorithm(query.get("digest-algorithm", "sha256"))
     upload = await reg.start_upload(repo, algorithm)
     return _upload_response(202, repo, upload)

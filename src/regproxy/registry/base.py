@@ -53,6 +53,9 @@ class Registry(Protocol):
         self, repo: str, upload_id: str, body: AsyncIterator[bytes] | None, digest: Digest
     ) -> BlobRow: ...
 
+    async def put_blob(self, repo: str, digest: Digest, body: AsyncIterator[bytes]) -> BlobRow:
+        ...
+
     async def cancel_upload(self, repo: str, upload_id: str) -> None: ...
 
     # manifests, tags, discovery

@@ -161,6 +161,16 @@ class HostedRegistry:
             await self.meta.delete_upload(upload_id)
             return blob
 
+    async def put_blob(self, repo: str, digest: Digest, body: AsyncIterator[bytes]) -> BlobRow:
+        """A whole blob in one request; nothing of it is kept unless it all arrives intact."""
+        upload = await self.start_upload(repo, digest.algorithm)
+        try:
+            return await self.finish_upload(repo, upload.id, body, digest)
+        except BaseException:
+            with suppress(BlobUploadUnknown):  # a digest mismatch already removed it
+                await self.cancel_upload(repo, upload.id)
+            raise
+
     async def cancel_upload(self, repo: str, upload_id: str) -> None:
         async with self._upload_lock(upload_id):
             upload = await self.get_upload(repo, upload_id)
