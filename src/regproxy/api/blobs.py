@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from regproxy import oci
 from regproxy.api.request import path_digest, registry, repo_name
 from regproxy.errors import RangeInvalid
 from regproxy.meta.base import BlobRow
+
+log = logging.getLogger(__name__)
 
 
 def _headers(blob: BlobRow) -> dict[str, str]:
@@ -63,8 +67,17 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         response.headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{blob.size}"
     chunks = reg.read_blob(blob, start, length)
     await response.prepare(request)
-    async for chunk in chunks:
-        await response.write(chunk)
+    try:
+        async for chunk in chunks:
+            await response.write(chunk)
+    except Exception:
+        # Past prepare() a failure cannot become an error body. Cut the connection so the
+        # client sees a broken transfer, never a short body that looks complete.
+        log.exception("blob %s: stream failed after the headers were sent", blob.digest)
+        response.force_close()
+        if request.transport is not None:
+            request.transport.abort()
+        return response
     await response.write_eof()
     return response
 
