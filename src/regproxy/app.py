@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
 from regproxy.api.keys import CONFIG, REGISTRY
 from regproxy.api.middleware import add_common_headers, errors_middleware
 from regproxy.api.routes import add_routes
-from regproxy.config import Config
+from regproxy.config import Config, UpstreamConfig
 from regproxy.meta.sqlite import SqliteMetadataStore
+from regproxy.proxy.pullthrough import PullThroughRegistry
+from regproxy.proxy.upstream import Upstream
 from regproxy.registry.hosted import HostedRegistry
+from regproxy.registry.router import RegistryRouter
 from regproxy.storage.filesystem import FilesystemBlobStore
 from regproxy.tasks import HOSTED, background_tasks
 
@@ -23,7 +28,6 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
     storage = FilesystemBlobStore(config.storage_path, fsync=config.storage.fsync)
     hosted = HostedRegistry(meta, storage)
     app[HOSTED] = hosted
-    app[REGISTRY] = hosted
     try:
         yield
     finally:
@@ -31,10 +35,43 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
         await meta.close()
 
 
+def _client_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
+    ssl_context = ssl.create_default_context(cafile=upstream.ca_bundle or None)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=upstream.max_connections, ssl=ssl_context),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=upstream.timeout, sock_read=upstream.timeout
+        ),
+        auto_decompress=False,  # blobs are passed on, and hashed, exactly as sent
+        trust_env=False,  # only the configured upstream is ever contacted
+        read_bufsize=1 << 20,
+    )
+
+
+async def _registry(app: web.Application) -> AsyncIterator[None]:
+    """The router over the hosted registry and one pull-through cache per upstream."""
+    config = app[CONFIG]
+    sessions = {name: _client_session(up) for name, up in config.upstreams.items()}
+    upstreams = {
+        name: Upstream(name, config.upstreams[name], session) for name, session in sessions.items()
+    }
+    proxy = PullThroughRegistry(
+        app[HOSTED], upstreams, config.data_path / "spool", config.limits.manifest_max_bytes
+    )
+    app[REGISTRY] = RegistryRouter(app[HOSTED], proxy, config.default_upstream)
+    try:
+        yield
+    finally:
+        await proxy.close()
+        for session in sessions.values():
+            await session.close()
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[errors_middleware])
     app[CONFIG] = config
     app.cleanup_ctx.append(_stores)
+    app.cleanup_ctx.append(_registry)
     app.cleanup_ctx.append(background_tasks)
     app.on_response_prepare.append(add_common_headers)
     add_routes(app)

@@ -9,6 +9,8 @@ message naming the key. Nothing else in the program reads the environment.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import tomllib
 import types
 import typing
@@ -17,8 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yarl
+
 ENV_PREFIX = "REGPROXY_"
 ENV_CONFIG_FILE = "REGPROXY_CONFIG"
+# An upstream's name is the first path component of the repositories it serves.
+_UPSTREAM_NAME_RE = re.compile(r"^[a-z0-9]+(?:[.-][a-z0-9]+)*(?::[0-9]+)?$")
 
 
 class ConfigError(Exception):
@@ -50,6 +56,25 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamConfig:
+    """A registry cached under the path prefix ``<name>/`` (``[upstreams."<name>"]``)."""
+
+    url: str = ""
+    username: str = ""
+    password: str = ""
+    # PEM bundle of CAs to trust for this upstream, on top of nothing else; default: system.
+    ca_bundle: str = ""
+    # Seconds a cached tag is served before it is revalidated upstream with a HEAD.
+    tag_ttl: float = 300.0
+    # Seconds to wait for the upstream to connect or to send the next bytes.
+    timeout: float = 30.0
+    # Most connections open to this upstream at once.
+    max_connections: int = 32
+    # Map one-part names to library/ (Docker Hub's official images); default: Docker Hub only.
+    official_library: bool | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:5000"
     data_dir: str = "./data"
@@ -59,6 +84,9 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    # Serve pulls of names not hosted here from this upstream (Docker's registry-mirrors).
+    default_upstream: str = ""
 
     @property
     def host(self) -> str:
@@ -142,6 +170,11 @@ def _env_values(env: Mapping[str, str]) -> dict[str, str]:
 
 def _coerce_text(key: str, raw: str) -> Any:
     kind = _LEAVES[key]
+    if typing.get_origin(kind) in (dict, list, tuple):
+        try:
+            return json.loads(raw)  # tables and arrays are given as JSON in the environment
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{_env_name(key)}: expected JSON, {exc}") from exc
     try:
         if kind is bool:
             lowered = raw.strip().lower()
@@ -174,25 +207,38 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     for name in values:
         if name not in names:
             raise ConfigError(f"unknown config key {prefix}{name}")
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        kind = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(typing.cast(type, kind), value, f"{key}.")
-        else:
-            kwargs[name] = _check_type(key, kind, value)
+    kwargs = {name: _convert(f"{prefix}{name}", hints[name], v) for name, v in values.items()}
     return cls(**kwargs)
+
+
+def _convert(key: str, kind: Any, value: Any) -> Any:
+    """Check and convert one value: a table, a table of tables, an array, or a scalar."""
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        return _build(typing.cast(type, kind), value, f"{key}.")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key} must be a table")
+        item = typing.get_args(kind)[1]
+        return {str(name): _convert(f"{key}.{name}", item, v) for name, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key} must be an array")
+        item = typing.get_args(kind)[0]
+        items = [_convert(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    return _check_type(key, kind, value)
 
 
 def _check_type(key: str, kind: Any, value: Any) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = kind if not isinstance(kind, types.UnionType) else typing.get_args(kind)
-    if isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"config key {key}: expected {kind.__name__}, got a boolean")
+    name = getattr(kind, "__name__", kind)
+    if isinstance(value, bool) and bool not in typing.get_args(kind) and kind is not bool:
+        raise ConfigError(f"config key {key}: expected {name}, got a boolean")
     if not isinstance(value, expected):
-        raise ConfigError(f"config key {key}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"config key {key}: expected {name}, got {value!r}")
     return value
 
 
@@ -205,6 +251,7 @@ def _validate(config: Config) -> None:
             f"config key storage.backend: unknown backend {config.storage.backend!r}"
             " (expected 'filesystem')"
         )
+    _validate_upstreams(config)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key log_level: unknown level {config.log_level!r}")
     positive = {
@@ -217,3 +264,23 @@ def _validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: must be greater than zero, got {value}")
+
+
+def _validate_upstreams(config: Config) -> None:
+    for name, upstream in config.upstreams.items():
+        key = f"upstreams.{name}"
+        if not _UPSTREAM_NAME_RE.match(name):
+            raise ConfigError(f"config key {key}: an upstream name is a host name like docker.io")
+        url = yarl.URL(upstream.url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(
+                f"config key {key}.url: expected an http(s) URL, got {upstream.url!r}"
+            )
+        if upstream.ca_bundle and not Path(upstream.ca_bundle).is_file():
+            raise ConfigError(f"config key {key}.ca_bundle: no such file {upstream.ca_bundle}")
+        if upstream.tag_ttl < 0 or upstream.timeout <= 0 or upstream.max_connections <= 0:
+            raise ConfigError(f"config key {key}: tag_ttl, timeout, max_connections must be > 0")
+    if config.default_upstream and config.default_upstream not in config.upstreams:
+        raise ConfigError(
+            f"config key default_upstream: {config.default_upstream!r} is not a configured upstream"
+        )

@@ -46,7 +46,7 @@ def _range(request: web.Request, size: int) -> tuple[int, int] | None:
 
 
 async def head_blob(request: web.Request) -> web.Response:
-    blob = await registry(request).get_blob(repo_name(request), path_digest(request))
+    blob = await registry(request).stat_blob(repo_name(request), path_digest(request))
     headers = _headers(blob)
     headers["Content-Length"] = str(blob.size)
     return web.Response(status=200, headers=headers)

@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from regproxy import oci
+from regproxy.api.request import OCI_NAMESPACE
 from regproxy.errors import (
     BlobUploadInvalid,
     NameInvalid,
@@ -71,6 +72,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[oci.API_VERSION] = oci.API_VERSION_VALUE
+    namespace = request.get(OCI_NAMESPACE)
+    if namespace:
+        response.headers[oci.OCI_NAMESPACE] = namespace
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from regproxy import oci
@@ -13,8 +15,9 @@ async def list_referrers(request: web.Request) -> web.Response:
     subject = path_digest(request)
     artifact_type = request.query.get("artifactType") or None
     manifests = await registry(request).referrers(repo, subject, artifact_type)
-    headers = {}
+    # Exactly the index media type: json_response would append "; charset=utf-8".
+    headers = {"Content-Type": oci.OCI_INDEX}
     if artifact_type is not None:
         headers[oci.OCI_FILTERS_APPLIED] = "artifactType"
     index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": manifests}
-    return web.json_response(index, headers=headers, content_type=oci.OCI_INDEX)
+    return web.Response(body=json.dumps(index).encode(), headers=headers)

@@ -8,11 +8,13 @@ from aiohttp import web
 
 from regproxy import oci
 from regproxy.api.keys import CONFIG, REGISTRY
-from regproxy.errors import BlobUploadInvalid, PaginationNumberInvalid
+from regproxy.errors import BlobUploadInvalid, NameUnknown, PaginationNumberInvalid
 from regproxy.oci import Digest
 from regproxy.registry.base import Registry
 
 CHUNK_SIZE = 1 << 20
+# Request key: the registry host a containerd mirror request named with ?ns=.
+OCI_NAMESPACE = "regproxy.oci_namespace"
 
 
 def registry(request: web.Request) -> Registry:
@@ -20,7 +22,16 @@ def registry(request: web.Request) -> Registry:
 
 
 def repo_name(request: web.Request) -> str:
-    return oci.parse_name(request.match_info["name"])
+    """The repository a request is about; ``?ns=<registry host>`` names an upstream's cache."""
+    name = oci.parse_name(request.match_info["name"])
+    ns = request.query.get("ns")
+    if not ns or ns == request.host:
+        return name
+    prefix = registry(request).namespace_prefix(ns)
+    if prefix is None:
+        raise NameUnknown(f"no upstream is configured for registry {ns[:100]!r}")
+    request[OCI_NAMESPACE] = ns
+    return f"{prefix}/{name}"
 
 
 def path_digest(request: web.Request, key: str = "digest") -> Digest:
@@ -34,7 +45,7 @@ def page(request: web.Request) -> tuple[str, int]:
     if raw is None or raw == "":
         n = page_max
     else:
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):  # str.isdigit() also accepts "²"
             raise PaginationNumberInvalid(f"n must be a non-negative integer, got {raw[:50]!r}")
         n = min(int(raw), page_max)
     return request.query.get("last", ""), n

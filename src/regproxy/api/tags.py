@@ -16,9 +16,9 @@ def next_link(path: str, n: int, last: str) -> str:
 async def list_tags(request: web.Request) -> web.Response:
     repo = repo_name(request)
     last, n = page(request)
-    tags = await registry(request).list_tags(repo, last, n + 1) if n else []
+    # Asked even for n=0: an unknown repository is NAME_UNKNOWN whatever the page size.
+    tags = await registry(request).list_tags(repo, last, n + 1)
     headers = {}
-    if len(tags) > n:
-        tags = tags[:n]
-        headers["Link"] = next_link(request.path, n, tags[-1])
-    return web.json_response({"name": repo, "tags": tags}, headers=headers)
+    if n and len(tags) > n:
+        headers["Link"] = next_link(request.path, n, tags[n - 1])
+    return web.json_response({"name": repo, "tags": tags[:n]}, headers=headers)

@@ -250,6 +250,10 @@ class SqliteMetadataStore:
             cursor = await db.execute("DELETE FROM tags WHERE repo = ? AND tag = ?", (repo, tag))
             return cursor.rowcount > 0
 
+    async def tag_checked(self, repo: str, tag: str) -> float | None:
+        row = await self._one("SELECT updated FROM tags WHERE repo = ? AND tag = ?", (repo, tag))
+        return float(row[0]) if row else None
+
     async def list_tags(self, repo: str, last: str, limit: int) -> list[str]:
         rows = await self._all(
             "SELECT tag FROM tags WHERE repo = ? AND tag > ? ORDER BY tag LIMIT ?",

@@ -24,7 +24,15 @@ class ContentRange:
 
 
 class Registry(Protocol):
+    def namespace_prefix(self, ns: str) -> str | None:
+        """The name prefix of the upstream serving registry host ``ns``, if one does."""
+        ...
+
     # blobs
+    async def stat_blob(self, repo: str, digest: Digest) -> BlobRow:
+        """What a HEAD needs: never opens a body, here or upstream."""
+        ...
+
     async def get_blob(self, repo: str, digest: Digest) -> BlobRow: ...
 
     def blob_path(self, blob: BlobRow) -> Path | None: ...

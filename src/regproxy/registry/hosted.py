@@ -60,6 +60,9 @@ class HostedRegistry:
             weakref.WeakValueDictionary()
         )
 
+    def namespace_prefix(self, ns: str) -> str | None:
+        return None
+
     # -- blobs ------------------------------------------------------------------------------
 
     async def get_blob(self, repo: str, digest: Digest) -> BlobRow:
@@ -67,6 +70,8 @@ class HostedRegistry:
         if blob is None:
             raise BlobUnknown(detail={"digest": str(digest)})
         return blob
+
+    stat_blob = get_blob
 
     def blob_path(self, blob: BlobRow) -> Path | None:
         return self.storage.local_path(blob.storage_key)
