@@ -194,8 +194,10 @@ def _coerce_text(key: str, raw: str) -> Any:
 
 def _set(values: dict[str, Any], key: str, value: Any) -> None:
     *sections, leaf = key.split(".")
-    for section in sections:
+    for depth, section in enumerate(sections, 1):
         values = values.setdefault(section, {})
+        if not isinstance(values, dict):  # the file set a table's name to a plain value
+            raise ConfigError(f"config key {'.'.join(sections[:depth])} must be a table")
     values[leaf] = value
 
 
@@ -269,7 +271,7 @@ def _validate(config: Config) -> None:
 def _validate_upstreams(config: Config) -> None:
     for name, upstream in config.upstreams.items():
         key = f"upstreams.{name}"
-        if not _UPSTREAM_NAME_RE.match(name):
+        if not _UPSTREAM_NAME_RE.fullmatch(name):  # match() and "$" allow a trailing "\n"
             raise ConfigError(f"config key {key}: an upstream name is a host name like docker.io")
         url = yarl.URL(upstream.url)
         if url.scheme not in ("http", "https") or not url.host:

@@ -12,7 +12,8 @@ from regproxy.errors import DigestInvalid, NameInvalid, TagInvalid
 # -- digests ---------------------------------------------------------------------------------
 
 _HEX_LENGTH: Final = {"sha256": 64, "sha512": 128}
-_DIGEST_RE: Final = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+# Matched with fullmatch(): "$" would also accept a trailing newline.
+_DIGEST_RE: Final = re.compile(r"([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
 ALGORITHMS: Final = tuple(_HEX_LENGTH)
 
 
@@ -31,7 +32,7 @@ class Digest:
 
     @classmethod
     def parse(cls, value: str) -> Digest:
-        match = _DIGEST_RE.match(value)
+        match = _DIGEST_RE.fullmatch(value)
         if match is None:
             raise DigestInvalid(f"malformed digest {value[:200]!r}", detail=value[:200])
         algorithm, encoded = match.groups()
@@ -63,20 +64,20 @@ def is_digest(reference: str) -> bool:
 
 NAME_MAX_LENGTH: Final = 255
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_NAME_RE: Final = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE: Final = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+_NAME_RE: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG_RE: Final = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 
 
 def parse_name(name: str) -> str:
     if len(name) > NAME_MAX_LENGTH:
         raise NameInvalid(f"repository name longer than {NAME_MAX_LENGTH} characters")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise NameInvalid(f"invalid repository name {name[:100]!r}", detail={"name": name[:100]})
     return name
 
 
 def parse_tag(tag: str) -> str:
-    if not _TAG_RE.match(tag):
+    if not _TAG_RE.fullmatch(tag):
         raise TagInvalid(f"invalid tag {tag[:200]!r}", detail={"tag": tag[:200]})
     return tag
 
