@@ -239,15 +239,11 @@ class HostedRegistry:
             raise
         return writer.size, await writer.suspend()
 
-    async def _record(
-        self, upload: UploadRow, size: int, state: str, hasher: Hasher
-    ) -> UploadRow:
+    async def _record(self, upload: UploadRow, size: int, state: str, hasher: Hasher) -> UploadRow:
         now = time.time()
         await self.meta.update_upload(upload.id, size, state, now)
         self._hashers[upload.id] = (size, hasher)
-        return UploadRow(
-            upload.id, upload.repo, upload.algorithm, size, state, upload.started, now
-        )
+        return UploadRow(upload.id, upload.repo, upload.algorithm, size, state, upload.started, now)
 
     def _upload_lock(self, upload_id: str) -> asyncio.Lock:
         return _lock_for(self._upload_locks, upload_id)
