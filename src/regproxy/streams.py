@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-from aiohttp import StreamReader
+from collections.abc import AsyncIterable, AsyncIterator
 
 CHUNK_SIZE = 1 << 20
 
 
-async def rechunk(stream: StreamReader, size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
-    """The stream's bytes in pieces of about ``size`` (the last may be shorter)."""
-    buffer = bytearray()
-    while True:
-        data = await stream.readany()
-        if not data:
-            break
-        if not buffer and len(data) >= size:
+async def rechunk(iterable: AsyncIterable[bytes], size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+    """The same bytes in pieces of about ``size`` (the last may be shorter)."""
+    pieces: list[bytes] = []
+    buffered = 0
+    async for data in iterable:
+        if not pieces and len(data) >= size:
             yield data
             continue
-        buffer += data
-        if len(buffer) >= size:
-            yield bytes(buffer)
-            buffer.clear()
-    if buffer:
-        yield bytes(buffer)
+        pieces.append(data)
+        buffered += len(data)
+        if buffered >= size:
+            yield b"".join(pieces)  # one copy, where bytearray += then bytes() makes two
+            pieces.clear()
+            buffered = 0
+    if pieces:
+        yield b"".join(pieces)

@@ -11,8 +11,8 @@ from regproxy.api.keys import CONFIG, REGISTRY
 from regproxy.errors import BlobUploadInvalid, NameUnknown, PaginationNumberInvalid
 from regproxy.oci import Digest
 from regproxy.registry.base import Registry
+from regproxy.streams import CHUNK_SIZE, rechunk
 
-CHUNK_SIZE = 1 << 20
 # Request key: the registry host a containerd mirror request named with ?ns=.
 OCI_NAMESPACE = "regproxy.oci_namespace"
 
@@ -63,23 +63,10 @@ async def body_chunks(request: web.Request, size: int = CHUNK_SIZE) -> AsyncIter
     A body shorter than its ``Content-Length`` (a client that went away) is an error, so a
     truncated upload is never mistaken for a complete one.
     """
-    content = request.content
-    buffer = bytearray()
     total = 0
-    while True:
-        data = await content.readany()
-        if not data:
-            break
-        total += len(data)
-        if not buffer and len(data) >= size:
-            yield data
-            continue
-        buffer += data
-        if len(buffer) >= size:
-            yield bytes(buffer)
-            buffer.clear()
-    if buffer:
-        yield bytes(buffer)
+    async for chunk in rechunk(request.content.iter_any(), size):
+        total += len(chunk)
+        yield chunk
     expected = request.content_length
     if expected is not None and total != expected:
         raise BlobUploadInvalid(f"body ended after {total} of {expected} bytes")

@@ -35,7 +35,11 @@ def parse_challenge(header: str) -> Challenge | None:
 
 
 class TokenError(Exception):
-    """The upstream's token service refused us or could not be reached."""
+    """The upstream's token service refused us (``status``) or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class UpstreamAuth:
@@ -45,7 +49,8 @@ class UpstreamAuth:
         self, session: aiohttp.ClientSession, username: str = "", password: str = ""
     ) -> None:
         self._session = session
-        self._basic = aiohttp.BasicAuth(username, password) if username else None
+        # The Basic Authorization header value for the configured credentials, if any.
+        self._basic = aiohttp.encode_basic_auth(username, password) if username else None
         self._tokens: dict[str, tuple[str, float]] = {}
         self._challenge: Challenge | None = None
         self._locks: dict[str, asyncio.Lock] = {}
@@ -56,26 +61,32 @@ class UpstreamAuth:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            return self._basic.encode() if self._basic else None
+            return self._basic
         cached = self._tokens.get(scope)
         if cached and cached[1] > time.monotonic():
             return f"Bearer {cached[0]}"
         return None
 
-    async def answer(self, www_authenticate: str, scope: str) -> str | None:
-        """Handle a 401's challenge; returns the header to retry with, or None to give up."""
+    async def answer(
+        self, www_authenticate: str, scope: str, rejected: str | None = None
+    ) -> str | None:
+        """Handle a 401's challenge; returns the header to retry with, or None to give up.
+
+        ``rejected`` is the Authorization header the 401 answered: a cached token equal to
+        it (expired early, revoked) is replaced, not sent again.
+        """
         challenge = parse_challenge(www_authenticate)
         if challenge is None:
             return None
         self._challenge = challenge
         if challenge.scheme == "basic":
-            return self._basic.encode() if self._basic else None
+            return self._basic
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
         lock = self._locks.setdefault(scope, asyncio.Lock())
         async with lock:  # one token request per scope, however many callers wait for it
             cached = self.header(scope)
-            if cached is not None:
+            if cached is not None and cached != rejected:
                 return cached
             token, lifetime = await self._fetch_token(challenge, scope)
             self._tokens[scope] = (token, time.monotonic() + lifetime - _EXPIRY_MARGIN)
@@ -85,12 +96,13 @@ class UpstreamAuth:
         params = {"scope": challenge.params.get("scope") or scope}
         if "service" in challenge.params:
             params["service"] = challenge.params["service"]
+        headers = {"Authorization": self._basic} if self._basic else None
         try:
             async with self._session.get(
-                challenge.params["realm"], params=params, auth=self._basic
+                challenge.params["realm"], params=params, headers=headers
             ) as response:
                 if response.status != 200:
-                    raise TokenError(f"token service answered {response.status}")
+                    raise TokenError(f"token service answered {response.status}", response.status)
                 body = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise TokenError(f"token service failed: {exc}") from exc

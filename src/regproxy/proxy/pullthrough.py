@@ -66,6 +66,8 @@ def upstream_error(exc: BaseException, what: str) -> RegistryError:
             return Denied(f"the upstream refused access to {what}")
         return Unavailable(f"the upstream answered {exc.status} for {what}")
     if isinstance(exc, TokenError):
+        if exc.status in (401, 403):  # wrong credentials: as refused as a Basic-auth 401
+            return Denied(f"the upstream's token service refused access to {what}")
         return Unavailable(f"could not authenticate upstream for {what}: {exc}")
     return Unavailable(f"the upstream could not be reached for {what}")
 
@@ -154,6 +156,11 @@ class PullThroughRegistry:
     def blob_path(self, blob: BlobRow) -> Path | None:
         return None if blob.storage_key == FILLING else self.hosted.blob_path(blob)
 
+    async def blob_redirect_url(self, blob: BlobRow) -> str | None:
+        if blob.storage_key == FILLING:
+            return None
+        return await self.hosted.blob_redirect_url(blob)
+
     async def read_blob(self, blob: BlobRow, start: int, length: int) -> AsyncIterator[bytes]:
         if blob.storage_key != FILLING:
             async for chunk in self.hosted.read_blob(blob, start, length):
@@ -167,9 +174,12 @@ class PullThroughRegistry:
                 return
             except SpoolGone:
                 pass  # finished between our lookup and our read: it is in storage now
+            except FillFailed as exc:
+                # Before the first byte this is still an error response; after, a cut connection.
+                raise _blob_error(fill.error or exc, blob.digest) from exc
         stored = await self.meta.get_blob(blob.digest)
         if stored is None:
-            raise FillFailed(f"fill of {blob.digest} did not complete")
+            raise Unavailable(f"the upstream fetch of {blob.digest} did not complete")
         async for chunk in self.hosted.read_blob(stored, start, length):
             yield chunk
 
@@ -188,7 +198,9 @@ class PullThroughRegistry:
             async with upstream.get_blob(remote, digest) as response:
                 if response.content_length is not None:
                     fill.set_size(response.content_length)
-                await self.hosted.put_blob(repo, digest, tee(rechunk(response.content)))
+                # Clients see each piece as it arrives; storage and hashing get big chunks.
+                body = rechunk(tee(response.content.iter_any()))
+                await self.hosted.put_blob(repo, digest, body)
             fill.set_size(fill.written)
             for other in fill.repos - {repo}:
                 await self.meta.link_blob(other, digest)
@@ -392,4 +404,7 @@ class PullThroughRegistry:
 def _blob_error(exc: BaseException, digest: Digest) -> RegistryError:
     if isinstance(exc, UpstreamStatus) and exc.status == 404:
         return BlobUnknown(detail={"digest": str(digest)})
+    if isinstance(exc, RegistryError):
+        # Storing the upstream's bytes failed (e.g. DIGEST_INVALID): not the client's fault.
+        return Unavailable(f"the upstream's blob {digest} could not be cached: {exc.message}")
     return upstream_error(exc, f"blob {digest}")

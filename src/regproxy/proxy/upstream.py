@@ -57,7 +57,9 @@ class Upstream:
 
     @property
     def host(self) -> str:
-        return self.base.host or ""
+        """The registry host as image references (and containerd's ``?ns=``) name it:
+        ``host``, or ``host:port`` when the URL has a non-default port."""
+        return self.base.host_port_subcomponent or ""
 
     def remote_name(self, path: str) -> str:
         """The upstream's repository name for ``path``, the part after our prefix."""
@@ -87,7 +89,7 @@ class Upstream:
             if response.status == 401 and attempt == 1:
                 challenge = response.headers.get("WWW-Authenticate", "")
                 response.release()
-                if await self.auth.answer(challenge, scope) is not None:
+                if await self.auth.answer(challenge, scope, authorization) is not None:
                     continue
                 raise UpstreamStatus(401)
             try:
