@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -628,3 +629,200 @@ def _unmount_under(dirs: Sequence[Path]) -> None:
     ]
     for mount_point in sorted(set(leftovers), key=len, reverse=True):
         subprocess.run(["umount", "-l", mount_point], check=False, capture_output=True)
+
+
+# -- regproxy --------------------------------------------------------------------------------
+
+# The checkout's src/, so the server runs the code under test even without an editable install.
+REGPROXY_SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+@dataclass
+class RegproxyProcess:
+    """A running ``regproxy serve``; ``host`` is ``127.0.0.1:PORT`` for image references."""
+
+    url: str
+    port: int
+    pid: int
+    data_dir: Path
+    log_path: Path
+    process: ManagedProcess = field(repr=False)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.process.alive()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return self.process.log_tail(lines)
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code."""
+        return await self.process.stop(timeout)
+
+    async def kill(self) -> int:
+        """SIGKILL (no chance to clean up, like a crash) and reap. Returns the exit code."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                self.process.proc.kill()
+        return await self.process.proc.wait()
+
+
+def regproxy_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The loopback-guarded tool environment without any inherited ``REGPROXY_*`` variable
+    (regproxy refuses unknown ones, e.g. REGPROXY_TEST_DOCKER_CLI), plus ``extra``."""
+    env = {k: v for k, v in tool_env().items() if not k.startswith("REGPROXY_")}
+    pythonpath = [str(REGPROXY_SRC), *filter(None, [env.get("PYTHONPATH")])]
+    env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def regproxy_argv(port: int, data_dir: Path, config_path: Path | None = None) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "regproxy",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        str(data_dir),
+    ]
+    if config_path is not None:
+        argv += ["--config", str(config_path)]
+    return argv
+
+
+@contextlib.asynccontextmanager
+async def regproxy(
+    tmpdir: Path | str,
+    *,
+    data_dir: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    config: str | None = None,
+    startup_timeout: float = 30.0,
+    stop_timeout: float = 15.0,
+) -> AsyncIterator[RegproxyProcess]:
+    """Run ``python -m regproxy serve`` on 127.0.0.1:<free port>.
+
+    Data lives in ``data_dir`` (default ``tmpdir/data``; pass the same one again to restart
+    on it), the log in ``tmpdir/regproxy-<n>.log``. ``env`` adds ``REGPROXY_*`` settings;
+    ``config`` is TOML text written to ``tmpdir/config.toml`` and passed with ``--config``.
+    Yields once ``/healthz`` answers 200; on exit the process is stopped by its PID (SIGTERM,
+    then SIGKILL after ``stop_timeout``) unless the test already stopped it.
+    """
+    base = Path(tmpdir)
+    base.mkdir(parents=True, exist_ok=True)
+    data = Path(data_dir) if data_dir is not None else base / "data"
+    config_path: Path | None = None
+    if config is not None:
+        config_path = base / "config.toml"
+        config_path.write_text(config)
+    server_env = regproxy_env(env)
+    for attempt in range(3):  # another process may grab the free port before we bind it
+        port = free_port()
+        log_path = _next_log_path(base, "regproxy")
+        process = await start_process(
+            regproxy_argv(port, data, config_path), log_path, env=server_env, cwd=base
+        )
+        try:
+            status = await wait_http(
+                f"http://127.0.0.1:{port}/healthz", startup_timeout, alive=process.alive
+            )
+            if status != 200:
+                raise ProcessError(f"/healthz answered {status}")
+            break
+        except (ProcessError, TimeoutError) as exc:
+            await process.stop(stop_timeout)
+            if attempt == 2 or "address already in use" not in process.log_tail().lower():
+                raise ProcessError(f"regproxy failed: {exc}\n{process.log_tail()}") from exc
+    server = RegproxyProcess(
+        url=f"http://127.0.0.1:{port}",
+        port=port,
+        pid=process.pid,
+        data_dir=data,
+        log_path=log_path,
+        process=process,
+    )
+    try:
+        yield server
+    finally:
+        await process.stop(stop_timeout)
+
+
+def _next_log_path(base: Path, stem: str) -> Path:
+    n = 0
+    while (base / f"{stem}-{n}.log").exists():
+        n += 1
+    return base / f"{stem}-{n}.log"
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """A ``kB`` figure from ``/proc/PID/status``, e.g. ``VmHWM`` (peak RSS) or ``VmRSS``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0])
+    raise KeyError(f"{key} not in /proc/{pid}/status")
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # lower-cased names; the last of repeated headers wins
+    body: bytes
+
+    def json(self) -> object:
+        return json.loads(self.body)
+
+
+async def raw_http(
+    port: int,
+    method: str,
+    target: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    body: bytes = b"",
+    timeout: float = 10.0,
+) -> RawResponse:
+    """One HTTP/1.1 request on its own connection with ``target`` sent exactly as given
+    (no normalisation or escaping, unlike HTTP client libraries); reads to EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = {"Host": f"127.0.0.1:{port}", "Connection": "close"}
+        if body or method in ("POST", "PUT", "PATCH"):
+            head["Content-Length"] = str(len(body))
+        head.update(headers or {})
+        lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in head.items())]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    raw_head, _, payload = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = raw_head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    if parsed.get("transfer-encoding", "").lower() == "chunked":
+        payload = _dechunk(payload)
+    return RawResponse(int(status_line.split()[1]), parsed, payload)
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2 :]
+    return bytes(out)

@@ -1,7 +1,9 @@
-"""Cross-cutting request handling: error bodies, common headers, the access log."""
+"""Cross-cutting request handling: error bodies, common headers, the access log, and the
+count of requests in flight that a shutdown waits for."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -68,6 +70,33 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.exception("unexpected error in %s %s", request.method, request.path)
         body = {"errors": [{"code": "UNKNOWN", "message": "internal server error"}]}
         return web.json_response(body, status=500)
+
+
+class InFlight:
+    """Counts the requests whose handlers are running, so a shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.count += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.count -= 1
+            if not self.count:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no handler runs."""
+        await self._idle.wait()
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 
 async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
