@@ -56,6 +56,11 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     reg = registry(request)
     blob = await reg.get_blob(repo_name(request), path_digest(request))
     wanted = _range(request, blob.size)
+    url = await reg.blob_redirect_url(blob)
+    if url is not None:
+        # The client fetches the bytes from storage itself (its Range goes along).
+        headers = {"Location": url, oci.CONTENT_DIGEST: str(blob.digest), "Content-Length": "0"}
+        return web.Response(status=307, headers=headers)
     path = reg.blob_path(blob)
     if path is not None:
         # sendfile, with Range and conditional requests handled by aiohttp.
@@ -66,8 +71,12 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     if wanted:
         response.headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{blob.size}"
     chunks = reg.read_blob(blob, start, length)
+    # Storage that fails before the first byte (S3 down) still gets an error response.
+    first = await anext(chunks, None)
     await response.prepare(request)
     try:
+        if first is not None:
+            await response.write(first)
         async for chunk in chunks:
             await response.write(chunk)
     except Exception:

@@ -76,6 +76,9 @@ class HostedRegistry:
     def blob_path(self, blob: BlobRow) -> Path | None:
         return self.storage.local_path(blob.storage_key)
 
+    async def blob_redirect_url(self, blob: BlobRow) -> str | None:
+        return await self.storage.redirect_url(blob.storage_key)
+
     def read_blob(self, blob: BlobRow, start: int, length: int) -> AsyncIterator[bytes]:
         return self.storage.read(blob.storage_key, start, length)
 
@@ -144,7 +147,10 @@ class HostedRegistry:
             upload = await self.get_upload(repo, upload_id)
             writer, hasher = await self._resume(upload)
             size = upload.offset
-            if body is not None:
+            if body is not None and digest.algorithm == upload.algorithm:
+                # The last bytes go straight into the commit: nothing to record in between.
+                size, _ = await self._receive(upload, writer, hasher, body, None, keep_open=True)
+            elif body is not None:
                 size, state = await self._receive(upload, writer, hasher, body, None)
                 upload = await self._record(upload, size, state, hasher)
                 writer, hasher = await self._resume(upload)
@@ -204,7 +210,7 @@ class HostedRegistry:
         try:
             hasher = await self._hash_stored(upload, upload.algorithm)
         except BaseException:
-            await writer.suspend()
+            await writer.release()
             raise
         return writer, hasher
 
@@ -221,8 +227,13 @@ class HostedRegistry:
         hasher: Hasher,
         body: AsyncIterator[bytes],
         expected: int | None,
+        keep_open: bool = False,
     ) -> tuple[int, str]:
-        """Stream a request body into the upload; all of it lands, or none of it does."""
+        """Stream a request body into the upload; all of it lands, or none of it does.
+
+        Returns the new size and the state to record; with ``keep_open`` the writer is left
+        open for a commit instead (and the state is "").
+        """
         before = hasher.copy()
         try:
             await _pipe(body, hasher, writer)
@@ -231,13 +242,16 @@ class HostedRegistry:
                 raise SizeInvalid(
                     f"Content-Range announced {expected} bytes, the body had {received}"
                 )
+            state = "" if keep_open else await writer.suspend()
         except BaseException:
             # Roll back to the recorded offset: the next writer truncates what came after it.
             self._hashers[upload.id] = (upload.offset, before)
             with suppress(Exception):
-                await writer.suspend()
+                await writer.release()
             raise
-        return writer.size, await writer.suspend()
+        # Until _record stores the new offset, the hasher matches no recorded offset.
+        self._hashers.pop(upload.id, None)
+        return writer.size, state
 
     async def _record(self, upload: UploadRow, size: int, state: str, hasher: Hasher) -> UploadRow:
         now = time.time()

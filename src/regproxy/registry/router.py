@@ -57,6 +57,9 @@ class RegistryRouter:
     def blob_path(self, blob: BlobRow) -> Path | None:
         return self.proxy.blob_path(blob)
 
+    async def blob_redirect_url(self, blob: BlobRow) -> str | None:
+        return await self.proxy.blob_redirect_url(blob)
+
     def read_blob(self, blob: BlobRow, start: int, length: int) -> AsyncIterator[bytes]:
         registry: Registry = self.proxy if blob.storage_key == FILLING else self.hosted
         return registry.read_blob(blob, start, length)

@@ -12,9 +12,11 @@ from regproxy.oci import Digest
 class BlobWriter(Protocol):
     """Appends the bytes of one upload.
 
-    ``commit`` publishes the bytes under their content address and returns the storage key;
+    ``commit`` publishes the bytes and returns the storage key to record with the blob;
     ``suspend`` keeps them for a later request (possibly in another process) and returns the
-    backend state to record with the upload; ``abort`` throws them away.
+    backend state to record with the upload; ``release`` ends a request that failed: the
+    upload stays as its recorded state says and nothing more is stored for it; ``abort``
+    throws the upload away.
     """
 
     @property
@@ -25,6 +27,8 @@ class BlobWriter(Protocol):
     async def suspend(self) -> str: ...
 
     async def commit(self, digest: Digest) -> str: ...
+
+    async def release(self) -> None: ...
 
     async def abort(self) -> None: ...
 
@@ -50,6 +54,10 @@ class BlobStore(Protocol):
 
     def local_path(self, key: str) -> Path | None:
         """A local file holding the blob, when the backend has one (for sendfile)."""
+        ...
+
+    async def redirect_url(self, key: str) -> str | None:
+        """A URL that serves the blob directly (e.g. presigned), when so configured."""
         ...
 
     async def exists(self, key: str) -> bool: ...

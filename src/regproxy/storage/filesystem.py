@@ -55,6 +55,9 @@ class FilesystemBlobWriter:
         await asyncio.to_thread(publish, f)
         return key
 
+    async def release(self) -> None:
+        await self._close()  # the next writer truncates to the recorded offset
+
     async def abort(self) -> None:
         await self._close()
         await asyncio.to_thread(self._path.unlink, True)
@@ -109,6 +112,9 @@ class FilesystemBlobStore:
 
     def local_path(self, key: str) -> Path | None:
         return self._blob_path(key)
+
+    async def redirect_url(self, key: str) -> str | None:
+        return None
 
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self._blob_path(key).is_file)
