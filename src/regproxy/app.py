@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import AsyncIterator
 
@@ -9,29 +10,45 @@ import aiohttp
 from aiohttp import web
 
 from regproxy.api.keys import CONFIG, REGISTRY
-from regproxy.api.middleware import add_common_headers, errors_middleware
+from regproxy.api.middleware import IN_FLIGHT, InFlight, add_common_headers, errors_middleware
 from regproxy.api.routes import add_routes
+from regproxy.auth.middleware import auth_middleware
+from regproxy.auth.rules import upstream_prefixes
+from regproxy.auth.service import AUTH, build_authenticator
 from regproxy.config import Config, UpstreamConfig
 from regproxy.meta.sqlite import SqliteMetadataStore
 from regproxy.proxy.pullthrough import PullThroughRegistry
 from regproxy.proxy.upstream import Upstream
 from regproxy.registry.hosted import HostedRegistry
 from regproxy.registry.router import RegistryRouter
+from regproxy.storage.base import BlobStore
 from regproxy.storage.filesystem import FilesystemBlobStore
+from regproxy.storage.s3 import S3BlobStore
 from regproxy.tasks import HOSTED, background_tasks
+
+
+@contextlib.asynccontextmanager
+async def _blob_store(config: Config) -> AsyncIterator[BlobStore]:
+    if config.storage.backend == "s3":
+        async with S3BlobStore.connect(config.storage.s3) as s3:
+            yield s3
+        return
+    storage = FilesystemBlobStore(config.storage_path, fsync=config.storage.fsync)
+    try:
+        yield storage
+    finally:
+        await storage.close()
 
 
 async def _stores(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     config.data_path.mkdir(parents=True, exist_ok=True)
     meta = await SqliteMetadataStore.open(config.data_path / "metadata.sqlite")
-    storage = FilesystemBlobStore(config.storage_path, fsync=config.storage.fsync)
-    hosted = HostedRegistry(meta, storage)
-    app[HOSTED] = hosted
     try:
-        yield
+        async with _blob_store(config) as storage:
+            app[HOSTED] = HostedRegistry(meta, storage)
+            yield
     finally:
-        await storage.close()
         await meta.close()
 
 
@@ -68,8 +85,14 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware])
+    in_flight = InFlight()
+    # Users, rules and the token key are read now, so a bad one stops start-up (ConfigError);
+    # upstream prefixes are pull-only for everyone.
+    auth = build_authenticator(config, pull_only=upstream_prefixes(config.upstreams))
+    app = web.Application(middlewares=[in_flight.middleware, errors_middleware, auth_middleware])
     app[CONFIG] = config
+    app[AUTH] = auth
+    app[IN_FLIGHT] = in_flight
     app.cleanup_ctx.append(_stores)
     app.cleanup_ctx.append(_registry)
     app.cleanup_ctx.append(background_tasks)

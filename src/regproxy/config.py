@@ -21,6 +21,8 @@ from typing import Any
 
 import yarl
 
+from regproxy.auth import rules  # the rule vocabulary; imports nothing from regproxy
+
 ENV_PREFIX = "REGPROXY_"
 ENV_CONFIG_FILE = "REGPROXY_CONFIG"
 # An upstream's name is the first path component of the repositories it serves.
@@ -32,12 +34,48 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """``[storage.s3]``: blobs in an S3 (or S3-compatible) bucket, ``storage.backend = "s3"``."""
+
+    bucket: str = ""
+    # Prepended to every object key, e.g. "regproxy/".
+    prefix: str = ""
+    # An S3-compatible server such as http://127.0.0.1:9000; default: AWS for the region.
+    endpoint_url: str = ""
+    # Default: the AWS configuration's (AWS_REGION, ~/.aws/config).
+    region: str = ""
+    # Static credentials; all empty: the standard AWS credential chain (env, files, roles).
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    session_token: str = ""
+    # "auto", "path" (most S3-compatible servers) or "virtual".
+    addressing_style: str = "auto"
+    # Bytes per multipart part (5 MiB to 5 GiB): an upload holds about two in memory, and a
+    # blob has at most 10,000 parts.
+    part_size: int = 16 * 1024 * 1024
+    # Part uploads in flight at once, over all uploads of the process.
+    max_concurrency: int = 8
+    # HTTP connections to S3 kept at most (part uploads and blob downloads).
+    max_connections: int = 64
+    # Blob GETs answer 307 with a presigned URL instead of streaming through regproxy.
+    redirect: bool = False
+    # Seconds a presigned URL stays valid.
+    redirect_expiry: float = 900.0
+    # Tries per S3 request, the first included, with exponential backoff in between.
+    max_attempts: int = 4
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class StorageConfig:
+    # "filesystem" or "s3".
     backend: str = "filesystem"
     # Filesystem backend: where blobs and in-progress uploads live; default <data_dir>/blobs.
     path: str = ""
     # fsync a blob before it becomes visible (durability across power loss).
     fsync: bool = True
+    s3: S3Config = field(default_factory=S3Config)
 
 
 @dataclass(frozen=True)
@@ -75,6 +113,46 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class AuthRule:
+    """``[[auth.rules]]``: grants ``actions`` on repositories matching ``repos`` to ``who``."""
+
+    # User names, "group:NAME", "*" (every signed-in user), "anonymous" (everyone).
+    who: tuple[str, ...] = ()
+    # Globs: "*" within one path component, "**" across them, e.g. "team/**".
+    repos: tuple[str, ...] = ()
+    # "pull", "push", "delete", or "*" for all three.
+    actions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``[auth]``: users, rules and the registry token service (see regproxy.auth)."""
+
+    # htpasswd file of bcrypt hashes (`regproxy user add`); default <data_dir>/htpasswd.
+    users_file: str = ""
+    # name -> bcrypt hash, beside the file's (the file wins for a name in both).
+    users: dict[str, str] = field(default_factory=dict)
+    # group name -> member user names, for "group:NAME" in rules.
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # No rules: with users, every signed-in user may do anything; without, open (loopback).
+    rules: tuple[AuthRule, ...] = ()
+    # Token endpoint URL given to clients; default <scheme>://<Host header>/token.
+    realm: str = ""
+    # The token audience; clients echo it to /token.
+    service: str = "regproxy"
+    # Seconds an access token is valid.
+    token_ttl: float = 300.0
+    # Seconds a refresh token (docker's identity token) is valid.
+    refresh_ttl: float = 30 * 24 * 3600.0
+    # PEM private key, EC P-256 (ES256) or RSA (RS256); default <data_dir>/auth/token-key.pem,
+    # generated on first start.
+    key_path: str = ""
+    # Failed logins per client address and user before a lockout of login_lockout seconds.
+    max_login_failures: int = 5
+    login_lockout: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:5000"
     data_dir: str = "./data"
@@ -87,6 +165,7 @@ class Config:
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     # Serve pulls of names not hosted here from this upstream (Docker's registry-mirrors).
     default_upstream: str = ""
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def host(self) -> str:
@@ -248,12 +327,15 @@ def _validate(config: Config) -> None:
     host, sep, port = config.listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"config key listen: expected HOST:PORT, got {config.listen!r}")
-    if config.storage.backend not in ("filesystem",):
+    if config.storage.backend not in ("filesystem", "s3"):
         raise ConfigError(
             f"config key storage.backend: unknown backend {config.storage.backend!r}"
-            " (expected 'filesystem')"
+            " (expected 'filesystem' or 's3')"
         )
+    if config.storage.backend == "s3":
+        _validate_s3(config.storage.s3)
     _validate_upstreams(config)
+    _validate_auth(config.auth)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key log_level: unknown level {config.log_level!r}")
     positive = {
@@ -286,3 +368,95 @@ def _validate_upstreams(config: Config) -> None:
         raise ConfigError(
             f"config key default_upstream: {config.default_upstream!r} is not a configured upstream"
         )
+
+
+def _validate_s3(s3: S3Config) -> None:
+    key = "storage.s3"
+    if not s3.bucket:
+        raise ConfigError(f"config key {key}.bucket: required when storage.backend is 's3'")
+    if s3.endpoint_url:
+        url = yarl.URL(s3.endpoint_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(
+                f"config key {key}.endpoint_url: expected an http(s) URL, got {s3.endpoint_url!r}"
+            )
+    if s3.addressing_style not in ("auto", "path", "virtual"):
+        raise ConfigError(
+            f"config key {key}.addressing_style: expected 'auto', 'path' or 'virtual',"
+            f" got {s3.addressing_style!r}"
+        )
+    if bool(s3.access_key_id) != bool(s3.secret_access_key):
+        raise ConfigError(
+            f"config key {key}.secret_access_key: access_key_id and secret_access_key go"
+            " together (leave both empty for the AWS credential chain)"
+        )
+    if not 5 << 20 <= s3.part_size <= 5 << 30:
+        raise ConfigError(
+            f"config key {key}.part_size: S3 parts are 5 MiB to 5 GiB, got {s3.part_size}"
+        )
+    if not 0 < s3.redirect_expiry <= 7 * 24 * 3600:
+        raise ConfigError(
+            f"config key {key}.redirect_expiry: 1 second to 7 days, got {s3.redirect_expiry}"
+        )
+    positive = {
+        "max_concurrency": s3.max_concurrency,
+        "max_connections": s3.max_connections,
+        "max_attempts": s3.max_attempts,
+        "connect_timeout": s3.connect_timeout,
+        "read_timeout": s3.read_timeout,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key}.{name}: must be greater than zero, got {value}")
+
+
+def _validate_auth(auth: AuthConfig) -> None:
+    for name, hashed in auth.users.items():
+        if not rules.valid_user_name(name):
+            raise ConfigError(f"config key auth.users.{name}: invalid user name")
+        if not hashed.startswith(("$2a$", "$2b$", "$2y$")) or len(hashed) != 60:
+            raise ConfigError(
+                f"config key auth.users.{name}: expected a bcrypt hash ($2b$...),"
+                " e.g. from `regproxy user add` or `htpasswd -nB`"
+            )
+    for group, members in auth.groups.items():
+        if not rules.NAME_RE.fullmatch(group):
+            raise ConfigError(f"config key auth.groups.{group}: invalid group name")
+        for member in members:
+            if not rules.valid_user_name(member):
+                raise ConfigError(f"config key auth.groups.{group}: invalid user {member!r}")
+    for i, rule in enumerate(auth.rules):
+        key = f"auth.rules[{i}]"
+        for name, values in (("who", rule.who), ("repos", rule.repos), ("actions", rule.actions)):
+            if not values:
+                raise ConfigError(f"config key {key}.{name}: must not be empty")
+        for who in rule.who:
+            problem = rules.principal_problem(who, auth.groups)
+            if problem:
+                raise ConfigError(f"config key {key}.who: {problem}")
+        for pattern in rule.repos:
+            if not rules.valid_glob(pattern):
+                raise ConfigError(
+                    f"config key {key}.repos: {pattern!r} is not a repository glob"
+                    " (lower-case name characters, '/', '*', '**', '?')"
+                )
+        for action in rule.actions:
+            if action not in rules.ACTIONS and action != rules.ALL_ACTIONS:
+                raise ConfigError(
+                    f"config key {key}.actions: {action!r} is not pull, push, delete or *"
+                )
+    if not auth.service or any(c in auth.service for c in '"\\ ,'):
+        raise ConfigError(f"config key auth.service: expected a plain word, got {auth.service!r}")
+    if auth.realm:
+        url = yarl.URL(auth.realm)
+        if url.scheme not in ("http", "https") or not url.host or '"' in auth.realm:
+            raise ConfigError(f"config key auth.realm: expected an http(s) URL, got {auth.realm!r}")
+    positive = {
+        "auth.token_ttl": auth.token_ttl,
+        "auth.refresh_ttl": auth.refresh_ttl,
+        "auth.max_login_failures": auth.max_login_failures,
+        "auth.login_lockout": auth.login_lockout,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key}: must be greater than zero, got {value}")

@@ -2,16 +2,51 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from aiohttp import web
 
 from regproxy.api import base, blobs, catalog, manifests, referrers, tags, uploads
+from regproxy.auth import handlers as token
 
 NAME = "{name:.+?}"
+
+# What each route needs, enforced by auth/middleware.py before the handler runs: OPEN needs
+# nothing; LOGIN any identity (a token, Basic credentials; anonymous only in open mode);
+# pull/push/delete are actions on the route's {name}; MOUNT_SOURCE adds pull on the ?from=
+# of a cross-repository mount. A HEAD needs what its GET needs. Keys: (method, route path).
+OPEN: Final = "open"
+LOGIN: Final = "login"
+MOUNT_SOURCE: Final = "pull:from"
+_N = "/v2/{name}"
+ROUTE_ACCESS: Final[dict[tuple[str, str], tuple[str, ...]]] = {
+    ("GET", "/healthz"): (OPEN,),
+    ("GET", "/token"): (OPEN,),
+    ("POST", "/token"): (OPEN,),
+    ("GET", "/v2/"): (LOGIN,),
+    ("GET", "/v2"): (LOGIN,),
+    ("GET", "/v2/_catalog"): (LOGIN,),  # lists only what the caller may pull
+    ("GET", f"{_N}/tags/list"): ("pull",),
+    ("GET", f"{_N}/referrers/{{digest}}"): ("pull",),
+    ("GET", f"{_N}/manifests/{{reference}}"): ("pull",),
+    ("PUT", f"{_N}/manifests/{{reference}}"): ("push",),
+    ("DELETE", f"{_N}/manifests/{{reference}}"): ("delete",),
+    ("POST", f"{_N}/blobs/uploads/"): ("push", MOUNT_SOURCE),
+    ("POST", f"{_N}/blobs/uploads"): ("push", MOUNT_SOURCE),
+    ("GET", f"{_N}/blobs/uploads/{{upload_id}}"): ("push",),
+    ("PATCH", f"{_N}/blobs/uploads/{{upload_id}}"): ("push",),
+    ("PUT", f"{_N}/blobs/uploads/{{upload_id}}"): ("push",),
+    ("DELETE", f"{_N}/blobs/uploads/{{upload_id}}"): ("push",),
+    ("GET", f"{_N}/blobs/{{digest}}"): ("pull",),
+    ("DELETE", f"{_N}/blobs/{{digest}}"): ("delete",),
+}
 
 
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/healthz", base.get_health)
+    r.add_get("/token", token.get_token)
+    r.add_post("/token", token.post_token)
     r.add_get("/v2/", base.get_base)
     r.add_get("/v2", base.get_base)
     r.add_get("/v2/_catalog", catalog.list_catalog)

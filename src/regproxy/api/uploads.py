@@ -9,6 +9,7 @@ from aiohttp import web
 
 from regproxy import oci
 from regproxy.api.request import body_chunks, has_body, registry, repo_name
+from regproxy.auth.service import CALLER
 from regproxy.errors import BlobUploadUnknown, DigestInvalid, RangeInvalid
 from regproxy.meta.base import BlobRow, UploadRow
 from regproxy.oci import Digest
@@ -72,9 +73,11 @@ async def post_upload(request: web.Request) -> web.Response:
     query = request.query
     if "mount" in query:
         source = oci.parse_name(query["from"]) if "from" in query else None
-        mounted = await reg.mount_blob(repo, Digest.parse(query["mount"]), source)
-        if mounted is not None:
-            return _created(repo, mounted)
+        # Without from, the blob may come from any repository: only if the caller may read all.
+        if source is not None or request[CALLER].may_pull_everything():
+            mounted = await reg.mount_blob(repo, Digest.parse(query["mount"]), source)
+            if mounted is not None:
+                return _created(repo, mounted)
     if "digest" in query:
         digest = Digest.parse(query["digest"])
         return _created(repo, await reg.put_blob(repo, digest, body_chunks(request)))
