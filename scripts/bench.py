@@ -1,12 +1,22 @@
 #!/usr/bin/env python3
 """Benchmark regproxy against docker-registry (CNCF distribution) side by side.
 
-    python scripts/bench.py [--quick] [--size-mib N] [--runs N] [--no-fsync] [--json]
+    python scripts/bench.py [--s3] [--quick] [--size-mib N] [--runs N] [--no-fsync] [--json]
 
 Starts both servers on free 127.0.0.1 ports, each with its own temporary data directory
 (regproxy with its defaults; docker-registry with filesystem storage), runs the same workload
 against each, alternating the order run by run, and stops both by PID at the end, also on
 Ctrl-C, SIGTERM or an error.
+
+``--s3`` puts both registries' blobs on S3 instead: one moto server (``moto[server]``) in a
+child process, one bucket per registry, and in front of moto one counting HTTP relay per
+registry, so the table also says how many S3 requests of which kind each operation cost. Both
+use parts of 16 MiB (regproxy ``part_size``, docker-registry ``chunksize``) and stream blob
+GETs through themselves (docker-registry's redirect to a presigned URL is off, as regproxy's
+is by default). moto is the bottleneck here: compare the ratios, not the absolute figures.
+S3 mode runs a smaller workload: 128 MiB blobs (--quick: 32 MiB), the three pushes, blob
+GET (4 in a row per timed run), blob HEAD (of the big blob and of a missing one, 404) and the
+manifest rows, 500 operations each (--quick: 200).
 
 Workload (every blob push is of fresh content, so deduplication never short-circuits):
 
@@ -32,7 +42,9 @@ import hashlib
 import importlib.metadata
 import itertools
 import json
+import logging
 import math
+import multiprocessing
 import os
 import platform
 import shlex
@@ -43,13 +55,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urljoin
 
 import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +77,7 @@ from tests.e2e.procs import (  # noqa: E402
     DOCKER_REGISTRY_BIN,
     ManagedProcess,
     ProcessError,
+    _set_pdeathsig,
     docker_registry,
     free_port,
     start_process,
@@ -82,6 +100,16 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 REF = "docker-registry"
 RP = "regproxy"
 
+# S3 mode: both registries on one moto server, each through a counting relay of its own.
+S3_PART = 16 * MiB  # regproxy's part_size and docker-registry's chunksize
+S3_REGION = "us-east-1"
+S3_ACCESS_KEY = "bench"  # moto accepts any credentials
+S3_SECRET_KEY = "bench-secret"
+S3_COUNTS_PATH = "/_bench/s3-requests"  # on each relay; bucket names cannot start with "_"
+S3_QUIET = 0.3  # seconds without S3 traffic before a relay's counts are read
+S3_QUIET_WAIT = 10.0  # ... but read after this many seconds anyway
+S3_GETS_IN_A_ROW = 4  # blob GETs per timed run: one through moto takes only ~0.2 s
+
 
 class BenchError(RuntimeError):
     """A server answered something the benchmark did not expect."""
@@ -97,20 +125,24 @@ class Settings:
     manifest_ops: int  # requests per manifest row and run
     tag_requests: int  # sequential tag-list requests
     fsync: bool  # regproxy's storage.fsync
+    s3: bool  # both registries on S3 (moto), with S3 requests counted
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
-        size_mib = args.size_mib if args.size_mib is not None else (64 if args.quick else 512)
+        default_mib = (32, 128) if args.s3 else (64, 512)
+        size_mib = args.size_mib if args.size_mib is not None else default_mib[not args.quick]
         if size_mib < 1:
             raise SystemExit("--size-mib must be at least 1")
         if args.runs < 1:
             raise SystemExit("--runs must be at least 1")
+        manifest_ops = (200, 500) if args.s3 else (500, 2000)
         return cls(
             size=size_mib * MiB,
             runs=args.runs,
-            manifest_ops=500 if args.quick else 2000,
+            manifest_ops=manifest_ops[not args.quick],
             tag_requests=100 if args.quick else 300,
             fsync=not args.no_fsync,
+            s3=args.s3,
         )
 
 
@@ -121,6 +153,7 @@ class Sample:
     value: float
     server_cpu: float
     client_cpu: float
+    s3_requests: Counter[str] | None = None  # S3 mode: requests by S3 operation in this run
 
 
 @dataclass
@@ -129,6 +162,7 @@ class Row:
     unit: str
     higher_is_better: bool
     how: str  # "best of N" or "median of N requests" ...
+    ops: int = 1  # operations per timed run (for S3 requests per operation)
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)
 
@@ -144,7 +178,16 @@ class Row:
         self.summary = {name: pick(s.value for s in runs) for name, runs in self.samples.items()}
         return self
 
+    def s3_per_op(self, name: str) -> dict[str, float] | None:
+        """Mean S3 requests per operation of target ``name`` over the timed runs, by kind."""
+        counted = [s.s3_requests for s in self.samples[name] if s.s3_requests is not None]
+        if not counted:
+            return None
+        total = sum(counted, Counter[str]())
+        return {kind: n / (len(counted) * self.ops) for kind, n in sorted(total.items())}
+
     def to_json(self) -> dict[str, Any]:
+        s3 = {name: self.s3_per_op(name) for name in self.samples}
         return {
             "operation": self.operation,
             "unit": self.unit,
@@ -160,6 +203,7 @@ class Row:
                 ]
                 for name, runs in self.samples.items()
             },
+            **({"s3_requests_per_op": s3} if any(v is not None for v in s3.values()) else {}),
         }
 
 
@@ -172,6 +216,7 @@ class Target:
     base: str  # http://127.0.0.1:PORT
     pid: int
     session: aiohttp.ClientSession
+    s3: S3Meter | None = None  # S3 mode: the counting relay in front of this target's bucket
 
     def url(self, location: str) -> URL:
         """A request URL from a path or a ``Location`` header (absolute or relative)."""
@@ -286,10 +331,15 @@ async def get_blob(t: Target, repo: str, digest: str, size: int, *, verify: bool
 
 @contextlib.asynccontextmanager
 async def regproxy_server(
-    tmpdir: Path, *, fsync: bool, startup_timeout: float = 30.0
+    tmpdir: Path,
+    *,
+    fsync: bool,
+    settings: Mapping[str, str] | None = None,
+    startup_timeout: float = 30.0,
 ) -> AsyncIterator[tuple[str, ManagedProcess]]:
-    """``regproxy serve`` on 127.0.0.1:<free port> with data in ``tmpdir/data``."""
-    env = tool_env({"REGPROXY_STORAGE_FSYNC": "true" if fsync else "false"})
+    """``regproxy serve`` on 127.0.0.1:<free port> with data in ``tmpdir/data``;
+    ``settings`` are more ``REGPROXY_*`` variables (e.g. S3 storage)."""
+    env = tool_env({"REGPROXY_STORAGE_FSYNC": "true" if fsync else "false", **(settings or {})})
     for attempt in range(3):  # another process may take the free port before we bind it
         port = free_port()
         log_path = tmpdir / f"regproxy-{attempt}.log"
@@ -324,6 +374,258 @@ def _session() -> aiohttp.ClientSession:
     )
 
 
+# -- S3 mode: moto and one counting relay per registry, in a child process -----------------
+
+# Not forwarded by a proxy (RFC 9110 7.6.1); Expect: 100-continue is answered by the relay.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection", "expect", "keep-alive", "proxy-authenticate", "proxy-authorization",
+        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    }
+)  # fmt: skip
+
+
+def s3_operation(method: str, path: str, query: Mapping[str, str], copy: bool) -> str:
+    """The S3 API operation of a path-style request (``/bucket`` or ``/bucket/key``);
+    ``copy``: it has an ``x-amz-copy-source`` header."""
+    on_key = "/" in path.strip("/")
+    if method == "GET":
+        if not on_key:
+            if "uploads" in query:
+                return "ListMultipartUploads"
+            return "ListObjectsV2" if query.get("list-type") == "2" else "ListObjects"
+        return "ListParts" if "uploadId" in query else "GetObject"
+    if method == "HEAD":
+        return "HeadObject" if on_key else "HeadBucket"
+    if method == "PUT":
+        if "partNumber" in query:
+            return "UploadPartCopy" if copy else "UploadPart"
+        if not on_key:
+            return "CreateBucket"
+        return "CopyObject" if copy else "PutObject"
+    if method == "POST":
+        if "uploads" in query:
+            return "CreateMultipartUpload"
+        if "uploadId" in query:
+            return "CompleteMultipartUpload"
+        if "delete" in query:
+            return "DeleteObjects"
+    if method == "DELETE":
+        if "uploadId" in query:
+            return "AbortMultipartUpload"
+        return "DeleteObject" if on_key else "DeleteBucket"
+    return f"{method} (other)"
+
+
+def _end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in _HOP_BY_HOP:
+            out.add(name, value)
+    return out
+
+
+class CountingRelay:
+    """An HTTP reverse proxy to moto that counts the requests passing through by S3 operation.
+
+    ``GET`` :data:`S3_COUNTS_PATH` answers the counts so far, the requests in flight and the
+    seconds since the last request started or ended; it is not forwarded nor counted."""
+
+    def __init__(self, upstream: str, session: aiohttp.ClientSession) -> None:
+        self.upstream = upstream
+        self.session = session
+        self.requests: Counter[str] = Counter()
+        self.in_flight = 0
+        self.last_activity = time.monotonic()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get(S3_COUNTS_PATH, self._counts)
+        app.router.add_route("*", "/{path:.*}", self._forward)
+        return app
+
+    async def _counts(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "requests": self.requests,
+                "in_flight": self.in_flight,
+                "idle": time.monotonic() - self.last_activity,
+            }
+        )
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        copy = "x-amz-copy-source" in request.headers
+        self.requests[s3_operation(request.method, request.path, request.query, copy)] += 1
+        self.in_flight += 1
+        self.last_activity = time.monotonic()
+        try:
+            return await self._relay(request)
+        finally:
+            self.in_flight -= 1
+            self.last_activity = time.monotonic()
+
+    async def _relay(self, request: web.Request) -> web.StreamResponse:
+        body = request.content.iter_chunked(PIECE) if request.body_exists else None
+        async with self.session.request(
+            request.method,
+            URL(self.upstream + request.raw_path, encoded=True),
+            headers=_end_to_end(request.headers),  # Host too: what the client signed
+            data=body,
+            allow_redirects=False,
+        ) as upstream:
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=_end_to_end(upstream.headers),
+            )
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(PIECE):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+
+def _s3_side_main(conn: Connection, relays: int) -> None:
+    """The S3 side process: a moto server, ``relays`` counting relays in front of it; sends
+    ``(moto_port, [relay ports])`` on ``conn`` once they listen, runs until SIGTERM."""
+    _set_pdeathsig()  # go away with the benchmark, however it ends
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the benchmark stops us by PID
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    from moto.server import ThreadedMotoServer
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    moto.start()
+    try:
+        asyncio.run(_serve_relays(conn, moto.get_host_and_port()[1], relays))
+    finally:
+        moto.stop()
+
+
+async def _serve_relays(conn: Connection, moto_port: int, relays: int) -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+        auto_decompress=False,
+        skip_auto_headers=("Accept", "Accept-Encoding", "Content-Type", "User-Agent"),
+    ) as session:
+        runners: list[web.AppRunner] = []
+        try:
+            for _ in range(relays):
+                relay = CountingRelay(f"http://127.0.0.1:{moto_port}", session)
+                runner = web.AppRunner(relay.app(), access_log=None)
+                await runner.setup()
+                runners.append(runner)
+                await web.TCPSite(runner, "127.0.0.1", 0).start()
+            conn.send((moto_port, [runner.addresses[0][1] for runner in runners]))
+            conn.close()
+            await stop.wait()
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+
+@dataclass
+class S3Side:
+    moto_url: str
+    relay_urls: list[str]
+    pid: int
+
+
+@contextlib.asynccontextmanager
+async def s3_side(relays: int, startup_timeout: float = 60.0) -> AsyncIterator[S3Side]:
+    """Run :func:`_s3_side_main` in a child process (its own GIL: moto is CPU-bound) and
+    stop it by PID at the end: SIGTERM, then SIGKILL after 15 s."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process: BaseProcess = context.Process(
+        target=_s3_side_main, args=(sender, relays), name="bench-s3", daemon=True
+    )
+    process.start()
+    sender.close()
+    try:
+        if not await asyncio.to_thread(receiver.poll, startup_timeout):
+            raise ProcessError(f"moto and the relays did not start in {startup_timeout}s")
+        try:
+            moto_port, relay_ports = receiver.recv()
+        except EOFError as exc:
+            raise ProcessError("the S3 side process exited before it was ready") from exc
+        yield S3Side(
+            f"http://127.0.0.1:{moto_port}",
+            [f"http://127.0.0.1:{port}" for port in relay_ports],
+            process.pid or 0,
+        )
+    finally:
+        receiver.close()
+        if process.is_alive():
+            process.terminate()
+            await asyncio.to_thread(process.join, 15)
+        if process.is_alive():
+            process.kill()
+        await asyncio.to_thread(process.join)
+
+
+class S3Meter:
+    """Reads the request counts of one :class:`CountingRelay`."""
+
+    def __init__(self, session: aiohttp.ClientSession, relay_url: str) -> None:
+        self.session = session
+        self.url = relay_url + S3_COUNTS_PATH
+
+    async def settled(self) -> Counter[str]:
+        """The counts once no request is in flight and none came for :data:`S3_QUIET` s
+        (regproxy deletes superseded tails in the background), or after
+        :data:`S3_QUIET_WAIT` s."""
+        deadline = time.monotonic() + S3_QUIET_WAIT
+        while True:
+            async with self.session.get(self.url) as resp:
+                await _expect(resp, 200)
+                state = await resp.json()
+            quiet = state["in_flight"] == 0 and state["idle"] >= S3_QUIET
+            if quiet or time.monotonic() >= deadline:
+                return Counter(state["requests"])
+            await asyncio.sleep(max(0.05, S3_QUIET - state["idle"]))
+
+
+async def create_bucket(moto_url: str, bucket: str) -> None:
+    async with aiohttp.ClientSession() as session, session.put(f"{moto_url}/{bucket}") as resp:
+        await _expect(resp, 200)
+
+
+def registry_s3_storage(endpoint: str, bucket: str) -> dict[str, object]:
+    """docker-registry's ``storage`` entries for a bucket (distribution 2.8's s3 driver: a
+    ``regionendpoint`` implies path-style requests)."""
+    return {
+        "s3": {
+            "region": S3_REGION,
+            "regionendpoint": endpoint,
+            "bucket": bucket,
+            "accesskey": S3_ACCESS_KEY,
+            "secretkey": S3_SECRET_KEY,
+            "secure": False,
+            "v4auth": True,
+            "chunksize": S3_PART,
+        },
+        "redirect": {"disable": True},  # stream blob GETs, as regproxy does by default
+    }
+
+
+def regproxy_s3_settings(endpoint: str, bucket: str) -> dict[str, str]:
+    prefix = "REGPROXY_STORAGE_S3_"
+    return {
+        "REGPROXY_STORAGE_BACKEND": "s3",
+        f"{prefix}BUCKET": bucket,
+        f"{prefix}ENDPOINT_URL": endpoint,
+        f"{prefix}REGION": S3_REGION,
+        f"{prefix}ACCESS_KEY_ID": S3_ACCESS_KEY,
+        f"{prefix}SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        f"{prefix}ADDRESSING_STYLE": "path",
+        f"{prefix}PART_SIZE": str(S3_PART),
+    }
+
+
 # -- measuring -------------------------------------------------------------------------------
 
 
@@ -343,11 +645,18 @@ class BlobSource:
 
 
 async def _timed(t: Target, op: Callable[[], Awaitable[object]]) -> tuple[float, Sample]:
-    """Run ``op``: its wall-clock seconds and a Sample (value for the caller to fill in)."""
+    """Run ``op``: its wall-clock seconds and a Sample (value for the caller to fill in).
+
+    In S3 mode the sample also holds the S3 requests ``op`` caused, counted once the relay
+    went quiet before and after it (outside the timed part, so late clean-ups count too)."""
+    s3_before = await t.s3.settled() if t.s3 is not None else None
     server0, client0, start = t.cpu_seconds(), time.process_time(), time.perf_counter()
     await op()
     elapsed = time.perf_counter() - start
-    return elapsed, Sample(0.0, t.cpu_seconds() - server0, time.process_time() - client0)
+    sample = Sample(0.0, t.cpu_seconds() - server0, time.process_time() - client0)
+    if t.s3 is not None and s3_before is not None:
+        sample.s3_requests = await t.s3.settled() - s3_before
+    return elapsed, sample
 
 
 async def _settle() -> None:
@@ -392,10 +701,12 @@ class Bench:
         amount: float,
         op: Callable[[Target, int], Awaitable[object]],
         warmup: Callable[[Target], Awaitable[object]],
+        ops: int = 1,
     ) -> None:
-        """Warm up, then time ``op(target, run)`` per run and target; value = amount / seconds."""
+        """Warm up, then time ``op(target, run)`` per run and target; value = amount / seconds.
+        ``ops``: how many operations one ``op`` call makes (for S3 requests per operation)."""
         self.log(operation)
-        row = Row(operation, unit, True, f"best of {self.s.runs}")
+        row = Row(operation, unit, True, f"best of {self.s.runs}", ops)
         row.samples = {t.name: [] for t in self.targets}
         for t in self.targets:
             await warmup(t)
@@ -440,11 +751,14 @@ class Bench:
             await get_blob(t, "bench/get", digest, size, verify=True)
             self.big[t.name] = digest
 
-    async def gets(self) -> None:
+    async def gets(self, *, fanout_row: bool = True, in_a_row: int = 1) -> None:
+        """Blob GET rows; ``in_a_row``: sequential GETs per timed run of the first row (one
+        short GET alone gives jumpy figures)."""
         size = self.s.size
 
         async def one(t: Target, run: int) -> None:
-            await get_blob(t, "bench/get", self.big[t.name], size)
+            for _ in range(in_a_row):
+                await get_blob(t, "bench/get", self.big[t.name], size)
 
         async def fanout(t: Target, run: int) -> None:
             async with asyncio.TaskGroup() as group:
@@ -458,14 +772,45 @@ class Bench:
             await fanout(t, -1)
 
         mib = size / MiB
-        await self.throughput(f"blob GET {mib:.0f} MiB", "MiB/s", mib, one, warm_one)
-        await self.throughput(
-            f"blob GET x{GET_FANOUT} concurrent (aggregate)",
-            "MiB/s",
-            mib * GET_FANOUT,
-            fanout,
-            warm_fanout,
-        )
+        label = f"blob GET {mib:.0f} MiB" + (f", {in_a_row} in a row" if in_a_row > 1 else "")
+        await self.throughput(label, "MiB/s", mib * in_a_row, one, warm_one, ops=in_a_row)
+        if fanout_row:
+            await self.throughput(
+                f"blob GET x{GET_FANOUT} concurrent (aggregate)",
+                "MiB/s",
+                mib * GET_FANOUT,
+                fanout,
+                warm_fanout,
+                ops=GET_FANOUT,
+            )
+
+    async def blob_heads(self) -> None:
+        """HEAD of the big blob and of a digest never pushed (404), ops/s at concurrency 16:
+        clients HEAD each layer before they push it."""
+        n, repo = self.s.manifest_ops, "bench/get"
+        missing = "sha256:" + hashlib.sha256(b"never pushed").hexdigest()
+
+        async def head_series(t: Target, digest: str, status: int, count: int) -> None:
+            async def op(i: int) -> None:
+                async with t.session.head(t.url(f"/v2/{repo}/blobs/{digest}")) as resp:
+                    await _expect(resp, status)
+
+            await run_concurrent(count, CONCURRENCY, op)
+
+        async def present(t: Target, run: int) -> None:
+            await head_series(t, self.big[t.name], 200, n if run >= 0 else min(n, 200))
+
+        async def absent(t: Target, run: int) -> None:
+            await head_series(t, missing, 404, n if run >= 0 else min(n, 200))
+
+        async def warm_present(t: Target) -> None:
+            await present(t, -1)
+
+        async def warm_absent(t: Target) -> None:
+            await absent(t, -1)
+
+        await self.throughput("blob HEAD", "ops/s", n, present, warm_present, ops=n)
+        await self.throughput("blob HEAD, missing", "ops/s", n, absent, warm_absent, ops=n)
 
     # -- manifests -----------------------------------------------------------------------------
 
@@ -542,9 +887,9 @@ class Bench:
         async def warm_heads(t: Target) -> None:
             await head_series(t, min(n, 200))
 
-        await self.throughput("manifest PUT by tag", "ops/s", n, puts, warm_puts)
-        await self.throughput("manifest GET by tag", "ops/s", n, gets, warm_gets)
-        await self.throughput("manifest HEAD by tag", "ops/s", n, heads, warm_heads)
+        await self.throughput("manifest PUT by tag", "ops/s", n, puts, warm_puts, ops=n)
+        await self.throughput("manifest GET by tag", "ops/s", n, gets, warm_gets, ops=n)
+        await self.throughput("manifest HEAD by tag", "ops/s", n, heads, warm_heads, ops=n)
 
     async def check_manifests(self, t: Target, repo: str) -> None:
         """The GET/HEAD rows read what the PUT row wrote: check a few, byte for byte."""
@@ -662,9 +1007,21 @@ def machine_context(settings: Settings, command: str) -> dict[str, Any]:
         "concurrency": CONCURRENCY,
         "tag_requests": settings.tag_requests,
         "regproxy_fsync": settings.fsync,
+        "s3": settings.s3,
+        "storage": _storage_description(settings),
         "load_before": _loadavg(),
         "note": "client, regproxy and docker-registry share this machine's cores",
     }
+
+
+def _storage_description(settings: Settings) -> str:
+    if not settings.s3:
+        return "filesystem (temporary directories)"
+    return (
+        f"S3 on moto {_version('moto')} (one server in a child process: one bucket and one"
+        f" counting relay per registry), parts of {S3_PART // MiB} MiB,"
+        " blob GETs streamed by both (docker-registry's redirect off)"
+    )
 
 
 def _fmt(value: float) -> str:
@@ -691,8 +1048,10 @@ def render_table(rows: Sequence[Row], context: dict[str, Any]) -> str:
         f" regproxy {context['regproxy']}, {context['docker_registry']}",
         f"command: {context['command']}",
         f"settings: blob {context['blob_mib']} MiB, manifest ops {context['manifest_ops']}"
-        f" at concurrency {context['concurrency']}, tag list {context['tag_requests']}"
-        f" requests, regproxy fsync={'on' if context['regproxy_fsync'] else 'off'}",
+        f" at concurrency {context['concurrency']},"
+        + ("" if context["s3"] else f" tag list {context['tag_requests']} requests,")
+        + f" regproxy fsync={'on' if context['regproxy_fsync'] else 'off'}",
+        f"storage: {context['storage']}",
         f"load average (1/5/15 min): {context['load_before']} before,"
         f" {context.get('load_after', '?')} after"
         " (other processes on the machine skew the results)",
@@ -716,20 +1075,89 @@ def render_table(rows: Sequence[Row], context: dict[str, Any]) -> str:
             row.operation, row.unit, _fmt(row.summary[REF]), _fmt(row.summary[RP]),
             f"{row.ratio:.2f}", spread, cpu,
         ))  # fmt: skip
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        out = [cells[0].ljust(widths[0]), cells[1].ljust(widths[1])]
-        out += [c.rjust(w) for c, w in zip(cells[2:], widths[2:], strict=True)]
-        return " | ".join(out)
-
-    lines.append(line(header))
-    lines.append("-+-".join("-" * w for w in widths))
-    lines += [line(r) for r in body]
+    lines += _grid(header, body, left=2)
+    lines += _render_s3_requests(rows)
     return "\n".join(lines)
 
 
+def _grid(header: Sequence[str], body: Sequence[Sequence[str]], left: int) -> list[str]:
+    """A text table: the first ``left`` columns left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return " | ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return [line(header), "-+-".join("-" * w for w in widths), *(line(r) for r in body)]
+
+
+def _count(value: float) -> str:
+    return str(round(value)) if abs(value - round(value)) < 0.005 else f"{value:.2f}"
+
+
+def _render_s3_requests(rows: Sequence[Row]) -> list[str]:
+    """S3 mode: the requests per operation each registry made, in total and by kind."""
+    counted = [(row, row.s3_per_op(REF), row.s3_per_op(RP)) for row in rows]
+    per_op = [(row, ref, rp) for row, ref, rp in counted if ref is not None and rp is not None]
+    if not per_op:
+        return []
+    body = []
+    for row, ref, rp in per_op:
+        ref_total, rp_total = sum(ref.values()), sum(rp.values())
+        verdict = "fewer" if rp_total < ref_total else "same" if rp_total == ref_total else "MORE"
+        body.append((row.operation, _count(ref_total), _count(rp_total), verdict))
+    lines = [
+        "",
+        "S3 requests per operation, counted by each registry's relay to moto (mean over the"
+        " timed runs, late clean-ups included)",
+        "",
+        *_grid(("operation", REF, RP, "regproxy makes"), body, left=1),
+        "",
+        "by S3 operation:",
+    ]
+    for row, ref, rp in per_op:
+        lines.append(f"  {row.operation}")
+        for name, kinds in ((REF, ref), (RP, rp)):
+            detail = ", ".join(f"{kind} {_count(n)}" for kind, n in kinds.items()) or "none"
+            lines.append(f"    {name + ':':<16} {detail}")
+    return lines
+
+
 # -- main ------------------------------------------------------------------------------------
+
+
+async def start_targets(
+    stack: contextlib.AsyncExitStack, tmp: Path, settings: Settings
+) -> list[Target]:
+    """Both servers (in S3 mode on moto, each through its counting relay), with sessions."""
+    ref_storage: dict[str, object] | None = None
+    rp_settings: dict[str, str] | None = None
+    relays: list[str] = []
+    if settings.s3:
+        side = await stack.enter_async_context(s3_side(relays=2))
+        relays = side.relay_urls
+        buckets = [f"bench-{name}" for name in (REF, RP)]
+        for bucket in buckets:
+            await create_bucket(side.moto_url, bucket)
+        ref_storage = registry_s3_storage(relays[0], buckets[0])
+        rp_settings = regproxy_s3_settings(relays[1], buckets[1])
+    ref = await stack.enter_async_context(
+        docker_registry(tmp / "docker-registry", storage_settings=ref_storage)
+    )
+    rp_dir = tmp / "regproxy"
+    rp_dir.mkdir()
+    rp_url, rp_proc = await stack.enter_async_context(
+        regproxy_server(rp_dir, fsync=settings.fsync, settings=rp_settings)
+    )
+    targets = [
+        Target(REF, ref.url, ref.pid, await stack.enter_async_context(_session())),
+        Target(RP, rp_url, rp_proc.pid, await stack.enter_async_context(_session())),
+    ]
+    for t, relay in zip(targets, relays, strict=False):
+        t.s3 = S3Meter(t.session, relay)
+    return targets
 
 
 async def bench(args: argparse.Namespace, command: str) -> tuple[list[Row], dict[str, Any]]:
@@ -738,23 +1166,19 @@ async def bench(args: argparse.Namespace, command: str) -> tuple[list[Row], dict
     tmp = Path(tempfile.mkdtemp(prefix="regproxy-bench-"))
     try:
         async with contextlib.AsyncExitStack() as stack:
-            ref = await stack.enter_async_context(docker_registry(tmp / "docker-registry"))
-            rp_dir = tmp / "regproxy"
-            rp_dir.mkdir()
-            rp_url, rp_proc = await stack.enter_async_context(
-                regproxy_server(rp_dir, fsync=settings.fsync)
-            )
-            targets = [
-                Target(REF, ref.url, ref.pid, await stack.enter_async_context(_session())),
-                Target(RP, rp_url, rp_proc.pid, await stack.enter_async_context(_session())),
-            ]
+            targets = await start_targets(stack, tmp, settings)
             b = Bench(targets, settings, progress=not args.quiet)
-            b.log(f"{REF} pid {ref.pid} at {ref.url}; {RP} pid {rp_proc.pid} at {rp_url}")
+            b.log("; ".join(f"{t.name} pid {t.pid} at {t.base}" for t in targets))
             try:
                 await b.pushes()
-                await b.gets()
-                await b.manifests()
-                await b.tag_list()
+                if settings.s3:
+                    await b.gets(fanout_row=False, in_a_row=S3_GETS_IN_A_ROW)
+                    await b.blob_heads()
+                    await b.manifests()
+                else:
+                    await b.gets()
+                    await b.manifests()
+                    await b.tag_list()
             finally:
                 if args.keep:
                     b.log(f"logs and data kept in {tmp}")
@@ -769,8 +1193,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark regproxy against docker-registry, side by side."
     )
-    parser.add_argument("--quick", action="store_true", help="64 MiB blobs, fewer requests")
-    parser.add_argument("--size-mib", type=int, help="size of the pushed blobs (default 512)")
+    parser.add_argument(
+        "--s3",
+        action="store_true",
+        help="both registries on S3 (one moto server), with S3 requests per operation",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="64 MiB blobs (--s3: 32 MiB), fewer requests"
+    )
+    parser.add_argument(
+        "--size-mib", type=int, help="size of the pushed blobs (default 512; --s3: 128)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row (default 3)")
     parser.add_argument(
         "--no-fsync", action="store_true", help="run regproxy with storage.fsync off"

@@ -305,17 +305,27 @@ def registry_config(
     proxy_username: str | None = None,
     proxy_password: str | None = None,
     htpasswd_path: Path | None = None,
+    storage_settings: Mapping[str, object] | None = None,
 ) -> str:
-    """config.yml text (JSON is valid YAML) for distribution 2.8."""
+    """config.yml text (JSON is valid YAML) for distribution 2.8.
+
+    ``storage_settings`` are entries of the ``storage`` section that replace the filesystem
+    driver at ``storage``, e.g. ``{"s3": {...}, "redirect": {"disable": True}}``; ``delete``,
+    ``cache`` and ``maintenance`` keep their values unless given there too.
+    """
+    storage_section: dict[str, object] = {
+        "delete": {"enabled": True},
+        "cache": {"blobdescriptor": "inmemory"},
+        "maintenance": {"uploadpurging": {"enabled": False}},
+    }
+    if storage_settings is None:
+        storage_section["filesystem"] = {"rootdirectory": str(storage)}
+    else:
+        storage_section.update(storage_settings)
     config: dict[str, object] = {
         "version": 0.1,
         "log": {"level": "info", "accesslog": {"disabled": False}},
-        "storage": {
-            "filesystem": {"rootdirectory": str(storage)},
-            "delete": {"enabled": True},
-            "cache": {"blobdescriptor": "inmemory"},
-            "maintenance": {"uploadpurging": {"enabled": False}},
-        },
+        "storage": storage_section,
         "http": {
             "addr": f"127.0.0.1:{port}",
             "secret": secrets.token_hex(16),
@@ -343,10 +353,12 @@ async def docker_registry(
     proxy_password: str | None = None,
     startup_timeout: float = 20.0,
     binary: str = DOCKER_REGISTRY_BIN,
+    storage_settings: Mapping[str, object] | None = None,
 ) -> AsyncIterator[RegistryProcess]:
     """Run Debian's ``docker-registry serve`` on 127.0.0.1:<free port>.
 
-    Storage is ``tmpdir/storage`` (deletes enabled). ``proxy_remote_url`` makes it a
+    Storage is ``tmpdir/storage`` (deletes enabled), or what ``storage_settings`` configures
+    instead (see :func:`registry_config`, e.g. an S3 bucket). ``proxy_remote_url`` makes it a
     pull-through cache of that URL; in that mode distribution refuses pushes.
     ``proxy_username``/``proxy_password`` are only sent to an upstream that answers with a
     *Bearer* (token) challenge: distribution 2.8 ignores them for a Basic-auth upstream, so a
@@ -357,6 +369,9 @@ async def docker_registry(
     base.mkdir(parents=True, exist_ok=True)
     htpasswd_path = write_htpasswd(base / "htpasswd", htpasswd) if htpasswd else None
     config_path = base / "config.yml"
+    # Its S3 driver takes everything from config.yml; aws-sdk-go would also read AWS_* (and
+    # refuses to start with AWS_CA_BUNDLE set, as its HTTP transport is a custom one).
+    env = {k: v for k, v in tool_env().items() if not k.upper().startswith("AWS_")}
     for attempt in range(3):  # another process may grab the free port before we bind it
         port = free_port()
         config_path.write_text(
@@ -367,11 +382,12 @@ async def docker_registry(
                 proxy_username=proxy_username,
                 proxy_password=proxy_password,
                 htpasswd_path=htpasswd_path,
+                storage_settings=storage_settings,
             )
         )
         log_path = base / f"registry-{attempt}.log"
         process = await start_process(
-            [binary, "serve", str(config_path)], log_path, env=tool_env(), cwd=base
+            [binary, "serve", str(config_path)], log_path, env=env, cwd=base
         )
         try:
             await wait_http(f"http://127.0.0.1:{port}/v2/", startup_timeout, alive=process.alive)
