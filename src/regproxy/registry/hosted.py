@@ -189,13 +189,14 @@ class HostedRegistry:
 
     async def purge_stale_uploads(self, max_age: float) -> int:
         """Delete uploads nobody touched for ``max_age`` seconds; returns how many."""
-        stale = await self.meta.stale_uploads(time.time() - max_age)
-        for upload in stale:
+        purged = 0
+        for upload in await self.meta.stale_uploads(time.time() - max_age):
             async with self._upload_lock(upload.id):
                 current = await self.meta.get_upload(upload.id)
                 if current is not None and current.updated == upload.updated:
-                    await self._forget(current)
-        return len(stale)
+                    await self._forget(current)  # not touched since we looked
+                    purged += 1
+        return purged
 
     async def _forget(self, upload: UploadRow) -> None:
         self._hashers.pop(upload.id, None)
