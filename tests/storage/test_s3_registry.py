@@ -270,6 +270,62 @@ async def test_abandoned_upload_is_purged(make_client: MakeClient, s3: S3, tmp_p
     assert await s3.keys() == []
 
 
+async def test_purge_loses_to_a_finish_that_came_first(
+    make_client: MakeClient, s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge lists an idle upload; before it deletes it, another process finishes it.
+
+    The finish publishes the blob at the upload's own key, so a purge that deleted the upload's
+    storage regardless would delete the blob under its fresh row.
+    """
+    client = await make_client(s3.app_config(tmp_path, uploads__max_age=0.2))
+    hosted = app_of(client)[HOSTED]
+    data = os.urandom(6 * MiB + 1)
+    location = await start_upload(client, REPO)
+    location = await patch(client, location, data, 0)
+    await asyncio.sleep(0.3)
+    list_stale = hosted.meta.stale_uploads
+
+    async def finished_meanwhile(before: float) -> Any:
+        stale = await list_stale(before)
+        resp = await client.put(location, params={"digest": digest_of(data)})
+        assert resp.status == 201, await resp.text()
+        return stale
+
+    monkeypatch.setattr(hosted.meta, "stale_uploads", finished_meanwhile)
+    assert await hosted.purge_stale_uploads(0.2) == 0
+    resp = await client.get(f"/v2/{REPO}/blobs/{digest_of(data)}")
+    assert resp.status == 200
+    assert await resp.read() == data
+
+
+async def test_finish_loses_to_a_purge_that_came_first(
+    make_client: MakeClient, s3: S3, tmp_path: Path
+) -> None:
+    """A finish whose upload was purged while its last body arrived publishes nothing."""
+    config = s3.app_config(tmp_path, uploads__max_age=0.2)
+    client = await make_client(config)
+    other_process = app_of(await make_client(config))[HOSTED]  # same database and bucket
+    data = os.urandom(MiB)
+    location = await start_upload(client, REPO)
+    await asyncio.sleep(0.3)
+    purged = asyncio.Event()
+
+    async def body() -> Any:
+        yield data[:1000]
+        # Another process purges the idle upload while this request is still sending.
+        assert await other_process.purge_stale_uploads(0.2) == 1
+        purged.set()
+        yield data[1000:]
+
+    resp = await client.put(location, params={"digest": digest_of(data)}, data=body())
+    assert purged.is_set()
+    await assert_error(resp, 404, "BLOB_UPLOAD_UNKNOWN")
+    await assert_error(await client.get(f"/v2/{REPO}/blobs/{digest_of(data)}"), 404, "BLOB_UNKNOWN")
+    await store_of(client).wait_cleanups()
+    assert await s3.multipart_uploads() == []
+
+
 # -- faults -------------------------------------------------------------------------------------
 
 

@@ -100,9 +100,19 @@ class MetadataStore(Protocol):
 
     async def get_upload(self, upload_id: str) -> UploadRow | None: ...
 
-    async def update_upload(self, upload_id: str, offset: int, state: str, now: float) -> None: ...
+    async def update_upload(
+        self, upload_id: str, offset: int, state: str, now: float, *, expected: float
+    ) -> bool:
+        """Record progress if the row is still as last seen (``updated == expected``).
 
-    async def delete_upload(self, upload_id: str) -> None: ...
+        False when another request or process changed or deleted the upload meanwhile:
+        uploads are claimed by compare-and-set, so a purge and a finish can never both win.
+        """
+        ...
+
+    async def delete_upload(self, upload_id: str, *, expected: float | None = None) -> bool:
+        """Delete the row (only if ``updated == expected``, when given); True if deleted."""
+        ...
 
     async def stale_uploads(self, before: float) -> list[UploadRow]: ...
 

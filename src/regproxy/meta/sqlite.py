@@ -313,16 +313,26 @@ class SqliteMetadataStore:
         )
         return UploadRow(*row) if row else None
 
-    async def update_upload(self, upload_id: str, offset: int, state: str, now: float) -> None:
+    async def update_upload(
+        self, upload_id: str, offset: int, state: str, now: float, *, expected: float
+    ) -> bool:
         async with self._transaction() as db:
-            await db.execute(
-                'UPDATE uploads SET "offset" = ?, state = ?, updated = ? WHERE id = ?',
-                (offset, state, now, upload_id),
+            cursor = await db.execute(
+                'UPDATE uploads SET "offset" = ?, state = ?, updated = ?'
+                " WHERE id = ? AND updated = ?",
+                (offset, state, now, upload_id, expected),
             )
+            return cursor.rowcount > 0
 
-    async def delete_upload(self, upload_id: str) -> None:
+    async def delete_upload(self, upload_id: str, *, expected: float | None = None) -> bool:
+        sql = "DELETE FROM uploads WHERE id = ?"
+        params: list[Any] = [upload_id]
+        if expected is not None:
+            sql += " AND updated = ?"
+            params.append(expected)
         async with self._transaction() as db:
-            await db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
+            cursor = await db.execute(sql, params)
+            return cursor.rowcount > 0
 
     async def stale_uploads(self, before: float) -> list[UploadRow]:
         rows = await self._all(

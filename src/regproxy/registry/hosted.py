@@ -163,6 +163,16 @@ class HostedRegistry:
                     f"content has digest {digest.algorithm}:{hasher.hexdigest()}, not {digest}",
                     detail={"digest": str(digest)},
                 )
+            # Claim the upload before publishing: a purge that got there first wins, and a
+            # purge that comes later sees the row changed and leaves it alone.
+            claimed = await self.meta.update_upload(
+                upload.id, upload.offset, upload.state, time.time(), expected=upload.updated
+            )
+            if not claimed:
+                await writer.release()
+                raise BlobUploadUnknown(
+                    "the upload expired before it was finished", detail={"upload_id": upload_id}
+                )
             async with self._digest_lock(digest):
                 key = await writer.commit(digest)
                 blob = await self.meta.add_blob(repo, BlobRow(digest, size, key))
@@ -192,16 +202,18 @@ class HostedRegistry:
         purged = 0
         for upload in await self.meta.stale_uploads(time.time() - max_age):
             async with self._upload_lock(upload.id):
-                current = await self.meta.get_upload(upload.id)
-                if current is not None and current.updated == upload.updated:
-                    await self._forget(current)  # not touched since we looked
+                # Only if nobody, in any process, touched it since we looked.
+                if await self._forget(upload, expected=upload.updated):
                     purged += 1
         return purged
 
-    async def _forget(self, upload: UploadRow) -> None:
+    async def _forget(self, upload: UploadRow, *, expected: float | None = None) -> bool:
+        # Row first: storage never outlives the row.
+        if not await self.meta.delete_upload(upload.id, expected=expected):
+            return False
         self._hashers.pop(upload.id, None)
-        await self.meta.delete_upload(upload.id)  # row first: storage never outlives the row
         await self.storage.delete_upload(upload.id, upload.state)
+        return True
 
     async def _resume(self, upload: UploadRow) -> tuple[BlobWriter, Hasher]:
         writer = await self.storage.open_writer(upload.id, upload.state, upload.offset)
@@ -256,7 +268,11 @@ class HostedRegistry:
 
     async def _record(self, upload: UploadRow, size: int, state: str, hasher: Hasher) -> UploadRow:
         now = time.time()
-        await self.meta.update_upload(upload.id, size, state, now)
+        if not await self.meta.update_upload(upload.id, size, state, now, expected=upload.updated):
+            # Purged, or moved on by another process, while this request ran.
+            raise BlobUploadUnknown(
+                "the upload changed or expired during this request", detail={"upload_id": upload.id}
+            )
         self._hashers[upload.id] = (size, hasher)
         return UploadRow(upload.id, upload.repo, upload.algorithm, size, state, upload.started, now)
 
