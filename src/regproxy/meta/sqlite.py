@@ -26,6 +26,8 @@ _PRAGMAS = (
     "PRAGMA busy_timeout=10000",
     "PRAGMA foreign_keys=ON",
 )
+# References checked per query (two bound parameters each).
+_REFERENCE_BATCH = 500
 _MANIFEST_COLUMNS = "m.digest, m.media_type, m.content, m.subject, m.artifact_type"
 
 
@@ -172,15 +174,27 @@ class SqliteMetadataStore:
         return _blob(rows[0])
 
     async def missing_references(self, repo: str, refs: Iterable[Reference]) -> list[Reference]:
-        missing = []
-        for ref in refs:
-            if ref.is_manifest:
-                sql = "SELECT 1 FROM manifests WHERE repo = ? AND digest = ?"
-            else:
-                sql = "SELECT 1 FROM repository_blobs WHERE repo = ? AND digest = ?"
-            if await self._one(sql, (repo, str(ref.digest))) is None:
-                missing.append(ref)
-        return missing
+        refs = list(refs)
+        absent: set[tuple[str, bool]] = set()
+        # A few queries for all of them: a manifest with 50 layers costs one round trip, not
+        # 50; batches keep each query under SQLite's limit on bound parameters.
+        for start in range(0, len(refs), _REFERENCE_BATCH):
+            batch = refs[start : start + _REFERENCE_BATCH]
+            params: list[Any] = []
+            for ref in batch:
+                params += [str(ref.digest), int(ref.is_manifest)]
+            values = ", ".join("(?, ?)" for _ in batch)
+            rows = await self._all(
+                f"WITH wanted(digest, is_manifest) AS (VALUES {values})"
+                " SELECT w.digest, w.is_manifest FROM wanted w WHERE NOT ("
+                " (w.is_manifest = 1 AND EXISTS (SELECT 1 FROM manifests m"
+                "   WHERE m.repo = ? AND m.digest = w.digest))"
+                " OR (w.is_manifest = 0 AND EXISTS (SELECT 1 FROM repository_blobs b"
+                "   WHERE b.repo = ? AND b.digest = w.digest)))",
+                [*params, repo, repo],
+            )
+            absent.update((row[0], bool(row[1])) for row in rows)
+        return [ref for ref in refs if (str(ref.digest), ref.is_manifest) in absent]
 
     # -- manifests and tags -------------------------------------------------------------------
 
