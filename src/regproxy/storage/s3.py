@@ -60,6 +60,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from regproxy.config import ConfigError, S3Config
 from regproxy.errors import BlobUploadUnknown, SizeInvalid, Unavailable
 from regproxy.oci import Digest
+from regproxy.streams import rechunk
 
 log = logging.getLogger(__name__)
 
@@ -427,20 +428,23 @@ class S3BlobStore:
                 raise _upload_lost(upload_id) from exc
             raise
         body = response["Body"]
-        try:
-            buffer = bytearray()
-            while length > 0:
+
+        async def pieces(remaining: int) -> AsyncIterator[bytes]:
+            while remaining > 0:
                 try:
-                    chunk = await body.read(min(READ_SIZE, length))
+                    chunk = await body.read(min(READ_SIZE, remaining))
                 except (*_UNREACHABLE, BotoCoreError) as exc:
                     raise Unavailable("storage unavailable (S3 read failed)") from exc
                 if not chunk:
-                    raise Unavailable(f"storage unavailable (S3 object ended {length} bytes early)")
-                length -= len(chunk)
-                buffer += chunk
-                if len(buffer) >= READ_SIZE or length == 0:
-                    yield bytes(buffer)
-                    buffer.clear()
+                    raise Unavailable(
+                        f"storage unavailable (S3 object ended {remaining} bytes early)"
+                    )
+                remaining -= len(chunk)
+                yield chunk
+
+        try:
+            async for chunk in rechunk(pieces(length), READ_SIZE):
+                yield chunk
         finally:
             body.close()
 
