@@ -647,6 +647,167 @@ def _unmount_under(dirs: Sequence[Path]) -> None:
         subprocess.run(["umount", "-l", mount_point], check=False, capture_output=True)
 
 
+# -- containerd ------------------------------------------------------------------------------
+
+CONTAINERD_BIN = "/usr/bin/containerd"
+CTR_BIN = "/usr/bin/ctr"
+# Plugins a test's containerd does not need: CRI (CNI, streaming server, /opt/cni), the opt
+# plugin (/opt/containerd), tasks and runtimes (shims, cgroups), tracing, and every
+# snapshotter but native (plain directories: no mounts, works on any filesystem).
+CONTAINERD_DISABLED_PLUGINS = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.internal.v1.opt",
+    "io.containerd.internal.v1.restart",
+    "io.containerd.internal.v1.tracing",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.runtime.v1.linux",
+    "io.containerd.runtime.v2.task",
+    "io.containerd.monitor.v1.cgroups",
+    "io.containerd.service.v1.tasks-service",
+    "io.containerd.grpc.v1.tasks",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.overlayfs",
+    "io.containerd.snapshotter.v1.zfs",
+)
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def containerd_config(root: Path, state: Path, socket_path: Path) -> str:
+    """config.toml (version 2) keeping all of containerd's files under ``root`` and ``state``.
+
+    Content is ``isolated`` per namespace, so a second namespace pulls every blob again
+    instead of reusing what the first one fetched.
+    """
+    disabled = ", ".join(_toml_str(p) for p in CONTAINERD_DISABLED_PLUGINS)
+    return (
+        "version = 2\n"
+        f"root = {_toml_str(str(root))}\n"
+        f"state = {_toml_str(str(state))}\n"
+        f"disabled_plugins = [{disabled}]\n"
+        "[grpc]\n"
+        f"  address = {_toml_str(str(socket_path))}\n"
+        "[ttrpc]\n"
+        f"  address = {_toml_str(f'{socket_path}.ttrpc')}\n"
+        '[debug]\n  address = ""\n'
+        '[metrics]\n  address = ""\n'
+        '[plugins."io.containerd.metadata.v1.bolt"]\n'
+        '  content_sharing_policy = "isolated"\n'
+    )
+
+
+@dataclass
+class ContainerdDaemon:
+    """A test-owned containerd. :meth:`ctr` drives it with ``ctr`` in namespace ``namespace``.
+
+    ``ctr`` does the registry work itself (containerd 1.6 has no transfer service): it reads
+    ``--hosts-dir`` and talks HTTP; the daemon holds content, images and snapshots.
+    """
+
+    socket_path: Path
+    pid: int
+    root: Path
+    state: Path
+    config_path: Path
+    log_path: Path
+    process: ManagedProcess = field(repr=False)
+    namespace: str = "regproxy-test"
+
+    def ctr_env(self) -> dict[str, str]:
+        env = {k: v for k, v in tool_env().items() if not k.startswith("CONTAINERD_")}
+        env["CONTAINERD_SNAPSHOTTER"] = "native"  # ctr's default, overlayfs, is disabled
+        return env
+
+    async def ctr(
+        self, *args: str, namespace: str | None = None, timeout: float = 120.0
+    ) -> RunResult:
+        """``ctr --address SOCK --namespace NS ARGS...`` -> ``(returncode, stdout, stderr)``."""
+        argv = [
+            CTR_BIN,
+            "--address",
+            str(self.socket_path),
+            "--namespace",
+            namespace or self.namespace,
+            *args,
+        ]
+        return await run(argv, env=self.ctr_env(), timeout=timeout)
+
+    async def ctr_check(
+        self, *args: str, namespace: str | None = None, timeout: float = 120.0
+    ) -> str:
+        """Like :meth:`ctr` but raise :class:`ProcessError` on a non-zero exit; return stdout."""
+        rc, out, err = await self.ctr(*args, namespace=namespace, timeout=timeout)
+        if rc != 0:
+            raise ProcessError(f"ctr {' '.join(args)} exited {rc}: {err.strip() or out}")
+        return out
+
+
+@contextlib.asynccontextmanager
+async def containerd(
+    tmpdir: Path | str,
+    *,
+    startup_timeout: float = 30.0,
+    stop_timeout: float = 20.0,
+    binary: str = CONTAINERD_BIN,
+) -> AsyncIterator[ContainerdDaemon]:
+    """Run Debian's containerd as a private, test-owned daemon (content and images only).
+
+    Its root (content store, metadata, snapshots) and log live in ``tmpdir``; its socket and
+    state in a short ``/tmp/rpd-XXXX`` dir (unix socket paths must stay under ~100 chars).
+    The host's /etc/containerd is never read (``--config`` is our own, see
+    :func:`containerd_config`). Yields once ``ctr version`` answers; on exit it is stopped by
+    PID, whatever it left mounted is unmounted and both directories are removed.
+    """
+    base = Path(tmpdir)
+    base.mkdir(parents=True, exist_ok=True)
+    short = _short_dir()
+    socket_path = short / "c.sock"
+    root = base / "containerd-root"
+    state = short / "state"
+    config_path = base / "containerd.toml"
+    config_path.write_text(containerd_config(root, state, socket_path))
+    argv = [binary, "--config", str(config_path), "--log-level", "info"]
+    process = await start_process(argv, base / "containerd.log", env=tool_env())
+    daemon = ContainerdDaemon(
+        socket_path=socket_path,
+        pid=process.pid,
+        root=root,
+        state=state,
+        config_path=config_path,
+        log_path=process.log_path,
+        process=process,
+    )
+    try:
+        await _wait_containerd(daemon, startup_timeout)
+        yield daemon
+    finally:
+        await process.stop(stop_timeout)
+        _unmount_under([root, short])
+        shutil.rmtree(short, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _wait_containerd(daemon: ContainerdDaemon, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        if not daemon.process.alive():
+            raise ProcessError(f"containerd exited at start:\n{daemon.process.log_tail()}")
+        err = ""
+        if daemon.socket_path.exists():
+            rc, _, err = await daemon.ctr("version", timeout=10)
+            if rc == 0:
+                return
+        if time.monotonic() > deadline:
+            raise ProcessError(f"containerd did not come up: {err}\n{daemon.process.log_tail()}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
 # -- regproxy --------------------------------------------------------------------------------
 
 # The checkout's src/, so the server runs the code under test even without an editable install.

@@ -1,0 +1,223 @@
+"""containerd's ``ctr`` against ``regproxy serve``: a ``hosts.toml`` mirror and a push.
+
+``ctr images pull --hosts-dir DIR <upstream-host>/<repo>:<tag>`` reads
+``DIR/<upstream-host>/hosts.toml``; a ``[host."http://regproxy"]`` entry there with
+``capabilities = ["pull", "resolve"]`` makes it ask regproxy first, with
+``?ns=<upstream-host>`` on every request. regproxy must serve that from the upstream whose
+host matches, cache it, and serve it again when the upstream is gone.
+
+The daemon is a private containerd (see :func:`tests.e2e.procs.containerd`): native
+snapshotter, content isolated per namespace, every file under the test's directories.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.images import (
+    LayerSpec,
+    OciImage,
+    build_tar,
+    layout_ref_digest,
+    make_oci_layout,
+    read_layout_blobs,
+)
+from tests.e2e.procs import (
+    CONTAINERD_BIN,
+    CTR_BIN,
+    SKOPEO_BIN,
+    ContainerdDaemon,
+    RegistryProcess,
+    RegproxyProcess,
+    containerd,
+    docker_registry,
+    raw_http,
+    regproxy,
+    skopeo,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
+
+MiB = 1 << 20
+PLATFORM = "linux/amd64"  # what images.py builds; pinned so an arm64 host pulls it too
+# distribution's access log (combined format): "GET /v2/... HTTP/1.1" 200 size "referer" "UA"
+ACCESS_RE = re.compile(r'"(GET|HEAD) (/v2/\S+) HTTP/[\d.]+" (\d{3}) \S+ "[^"]*" "([^"]*)"')
+
+
+@pytest.fixture(autouse=True)
+def _require_tools() -> None:
+    for tool in (CONTAINERD_BIN, CTR_BIN, SKOPEO_BIN):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} missing: apt-get install -y containerd skopeo")
+
+
+def build_image(path: Path, seed: str) -> OciImage:
+    return make_oci_layout(
+        path, [LayerSpec(2 * MiB), LayerSpec(200_000), LayerSpec(1_000)], tag="v1", seed=seed
+    )
+
+
+async def skopeo_ok(*args: str) -> str:
+    rc, out, err = await skopeo(*args)
+    assert rc == 0, f"skopeo {' '.join(args)} exited {rc}:\n{err}"
+    return out
+
+
+def write_hosts_toml(hosts_dir: Path, registry_host: str, server: str, *mirrors: str) -> None:
+    """``hosts_dir/<registry_host>/hosts.toml``: ``server`` plus plain-http pull mirrors."""
+    lines = [f'server = "{server}"']
+    for mirror in mirrors:
+        lines += [f'[host."{mirror}"]', '  capabilities = ["pull", "resolve"]']
+    (hosts_dir / registry_host).mkdir(parents=True, exist_ok=True)
+    (hosts_dir / registry_host / "hosts.toml").write_text("\n".join(lines) + "\n")
+
+
+async def image_digest(daemon: ContainerdDaemon, ref: str, namespace: str | None = None) -> str:
+    """The target digest of image ``ref`` in containerd's image store."""
+    out = await daemon.ctr_check("images", "ls", f"name=={ref}", namespace=namespace)
+    rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
+    assert len(rows) == 1 and rows[0][0] == ref, out
+    return rows[0][2]
+
+
+async def assert_content_is(
+    daemon: ContainerdDaemon, image: OciImage, namespace: str | None = None
+) -> None:
+    """Namespace ``namespace`` of containerd's content store holds every blob of ``image``
+    (manifest, config, layers), byte for byte."""
+    listed = await daemon.ctr_check("content", "ls", "--quiet", namespace=namespace)
+    assert set(image.all_blobs) <= set(listed.split()), listed
+    blobs = daemon.root / "io.containerd.content.v1.content" / "blobs" / "sha256"
+    for digest in image.all_blobs:
+        assert (blobs / digest[7:]).read_bytes() == image.read_blob(digest), digest
+
+
+async def assert_unpacked(daemon: ContainerdDaemon, ref: str, namespace: str | None) -> None:
+    """``ctr images check`` says the pulled image is complete and unpacked."""
+    out = await daemon.ctr_check("images", "check", f"name=={ref}", namespace=namespace)
+    rows = [line for line in out.splitlines()[1:] if line.startswith(ref)]
+    assert len(rows) == 1 and "complete" in rows[0] and "true" in rows[0].split()[-1], out
+
+
+def proxy_requests(proxy: RegproxyProcess) -> list[tuple[str, str, int]]:
+    """(method, path, status) of every request in regproxy's access log."""
+    found = []
+    for line in proxy.log_path.read_text(errors="replace").splitlines():
+        _, marker, entry = line.partition(" INFO regproxy.access ")
+        if marker:
+            record = json.loads(entry)
+            found.append((record["method"], record["path"], record["status"]))
+    return found
+
+
+def upstream_requests(upstream: RegistryProcess) -> list[tuple[str, str, int, str]]:
+    """(method, path, status, user agent) of every /v2/ request the upstream logged."""
+    text = upstream.log_path.read_text(errors="replace")
+    return [(m[1], m[2], int(m[3]), m[4]) for m in ACCESS_RE.finditer(text)]
+
+
+async def test_ctr_pull_through_hosts_toml_mirror(tmp_path: Path) -> None:
+    image = build_image(tmp_path / "src", "ctr-mirror")
+    async with docker_registry(tmp_path / "upstream") as upstream:
+        await skopeo_ok(
+            "copy", "--dest-tls-verify=false", image.ref(), f"docker://{upstream.host}/e2e/ctr:v1"
+        )
+        head = await raw_http(
+            upstream.port,
+            "HEAD",
+            "/v2/e2e/ctr/manifests/v1",
+            headers={"Accept": image.media_type},
+        )
+        assert head.headers["docker-content-digest"] == image.digest
+        pushed = len(upstream_requests(upstream))
+        config = f'[upstreams."up"]\nurl = "{upstream.url}"\n'
+        async with (
+            regproxy(tmp_path / "proxy", config=config) as proxy,
+            containerd(tmp_path / "containerd") as daemon,
+        ):
+            hosts = tmp_path / "hosts"
+            # The server is the real upstream: containerd would fall back to it if the mirror
+            # failed, so the upstream's log (user agents) shows who fetched what.
+            write_hosts_toml(hosts, upstream.host, upstream.url, proxy.url)
+            ref = f"{upstream.host}/e2e/ctr:v1"
+            pull = ("images", "pull", "--hosts-dir", str(hosts), "--platform", PLATFORM, ref)
+            await daemon.ctr_check(*pull)
+            assert await image_digest(daemon, ref) == image.digest
+            await assert_content_is(daemon, image)
+            await assert_unpacked(daemon, ref, None)
+
+            sent = upstream_requests(upstream)[pushed:]
+            assert sent, "the upstream saw no request"
+            assert all("containerd" not in agent for *_, agent in sent), sent
+            fetched = sorted(path for method, path, status, _ in sent if method == "GET")
+            blob_paths = [f"/v2/e2e/ctr/blobs/{blob.digest}" for blob in image.blobs]
+            assert sorted(p for p in fetched if "/blobs/" in p) == sorted(blob_paths), sent
+            # containerd asked regproxy (its access log has no query strings)...
+            served = proxy_requests(proxy)
+            for blob in image.blobs:
+                assert ("GET", f"/v2/e2e/ctr/blobs/{blob.digest}", 200) in served, served
+            # ...for a name that only ?ns= maps to the upstream's cache: alone it is unknown
+            manifest_path = f"/v2/e2e/ctr/manifests/{image.digest}"
+            assert (await raw_http(proxy.port, "GET", manifest_path)).status == 404
+            ns = await raw_http(proxy.port, "GET", f"{manifest_path}?ns={upstream.host}")
+            assert ns.status == 200 and ns.body == image.read_blob(image.digest)
+            cached = await raw_http(proxy.port, "GET", f"/v2/up/e2e/ctr/manifests/{image.digest}")
+            assert cached.status == 200 and cached.body == ns.body
+
+            # With the upstream gone, a namespace with its own (isolated) content store pulls
+            # the same image from regproxy's cache, still as the upstream's name.
+            await upstream.process.stop()
+            await daemon.ctr_check(*pull, namespace="second")
+            assert await image_digest(daemon, ref, "second") == image.digest
+            await assert_content_is(daemon, image, "second")
+            await assert_unpacked(daemon, ref, "second")
+
+
+def oci_archive(image: OciImage, path: Path) -> Path:
+    """A tar of ``image``'s OCI layout (what ``ctr images import`` reads)."""
+    members = [
+        (str(file.relative_to(image.path)), file.read_bytes())
+        for file in sorted(image.path.rglob("*"))
+        if file.is_file()
+    ]
+    path.write_bytes(build_tar(members))
+    return path
+
+
+async def test_ctr_push_to_hosted_repository(tmp_path: Path) -> None:
+    image = build_image(tmp_path / "src", "ctr-push")
+    archive = oci_archive(image, tmp_path / "image.tar")
+    async with (
+        regproxy(tmp_path / "proxy") as proxy,
+        containerd(tmp_path / "containerd") as daemon,
+    ):
+        await daemon.ctr_check(
+            "images", "import", "--platform", PLATFORM, "--base-name", "local/ctr", str(archive)
+        )
+        assert await image_digest(daemon, "local/ctr:v1") == image.digest
+        ref = f"{proxy.host}/hosted/ctr:v1"
+        await daemon.ctr_check("images", "tag", "local/ctr:v1", ref)
+        await daemon.ctr_check("images", "push", "--plain-http", "--platform", PLATFORM, ref)
+
+        # skopeo reads back exactly what was imported
+        raw = await skopeo_ok("inspect", "--raw", "--tls-verify=false", f"docker://{ref}")
+        assert raw.encode() == image.read_blob(image.digest)
+        copy = tmp_path / "copy"
+        await skopeo_ok("copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{copy}:v1")
+        assert read_layout_blobs(copy) == image.all_blobs
+        assert layout_ref_digest(copy, "v1") == image.digest
+        for digest in image.all_blobs:
+            assert (copy / "blobs" / "sha256" / digest[7:]).read_bytes() == image.read_blob(digest)
+
+        # ...and so does containerd, through a hosts.toml naming regproxy as the server
+        hosts = tmp_path / "hosts"
+        write_hosts_toml(hosts, proxy.host, proxy.url)
+        pull = ("images", "pull", "--hosts-dir", str(hosts), "--platform", PLATFORM, ref)
+        await daemon.ctr_check(*pull, namespace="second")
+        assert await image_digest(daemon, ref, "second") == image.digest
+        await assert_content_is(daemon, image, "second")
