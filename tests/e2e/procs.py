@@ -808,6 +808,142 @@ async def _wait_containerd(daemon: ContainerdDaemon, timeout: float) -> None:
         delay = min(delay * 2, 0.5)
 
 
+# -- podman ----------------------------------------------------------------------------------
+
+PODMAN_BIN = "/usr/bin/podman"
+INSECURE_POLICY = {"default": [{"type": "insecureAcceptAnything"}]}
+
+
+@dataclass
+class Podman:
+    """Rootful podman with private storage and configuration (podman has no daemon).
+
+    Every command runs as ``podman --root R --runroot RR --storage-driver vfs --tmpdir T ...``
+    with ``CONTAINERS_CONF``, ``CONTAINERS_STORAGE_CONF``, ``CONTAINERS_REGISTRIES_CONF``,
+    ``REGISTRY_AUTH_FILE``, ``HOME`` and ``TMPDIR`` pointing into ``base`` (runroot and
+    tmpdir in a short ``/tmp/rpd-XXXX``: podman refuses a runroot longer than 50 characters),
+    so podman's storage, state, configuration and credentials are the test's own. Like
+    skopeo, it still reads /etc/containers/registries.d and registries.conf.d (Debian ships
+    only short-name aliases there) and records blob locations in /var/lib/containers/cache.
+    Write the registries configuration with :meth:`write_registries_conf`; pass
+    :attr:`policy_path` as ``--signature-policy`` to pull and push.
+    """
+
+    base: Path
+    root: Path
+    runroot: Path
+    tmpdir: Path
+    registries_conf: Path
+    policy_path: Path
+    binary: str = PODMAN_BIN
+
+    def env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in tool_env().items()
+            if not k.startswith(("CONTAINERS_", "CONTAINER_", "REGISTRY_", "XDG_"))
+        }
+        env.update(
+            {
+                "CONTAINERS_CONF": str(self.base / "containers.conf"),
+                "CONTAINERS_STORAGE_CONF": str(self.base / "storage.conf"),
+                "CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
+                "REGISTRY_AUTH_FILE": str(self.base / "auth.json"),
+                "HOME": str(self.base / "home"),
+                "XDG_CONFIG_HOME": str(self.base / "home" / ".config"),
+                "TMPDIR": str(self.tmpdir),
+            }
+        )
+        return env
+
+    def argv(self, *args: str) -> list[str]:
+        return [
+            self.binary,
+            "--root",
+            str(self.root),
+            "--runroot",
+            str(self.runroot),
+            "--storage-driver",
+            "vfs",
+            "--tmpdir",
+            str(self.tmpdir),
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "none",
+            "--network-config-dir",
+            str(self.base / "networks"),
+            "--volumepath",
+            str(self.base / "volumes"),
+            *args,
+        ]
+
+    def write_registries_conf(self, text: str) -> None:
+        self.registries_conf.write_text(text)
+
+    async def run(self, *args: str, timeout: float = 120.0) -> RunResult:
+        """``podman ARGS...`` -> ``(returncode, stdout, stderr)``."""
+        return await run(self.argv(*args), env=self.env(), timeout=timeout)
+
+    async def check(self, *args: str, timeout: float = 120.0) -> str:
+        """Like :meth:`run` but raise :class:`ProcessError` on a non-zero exit; return stdout."""
+        rc, out, err = await self.run(*args, timeout=timeout)
+        if rc != 0:
+            raise ProcessError(f"podman {' '.join(args)} exited {rc}: {err.strip() or out}")
+        return out
+
+
+@contextlib.asynccontextmanager
+async def podman(tmpdir: Path | str, *, binary: str = PODMAN_BIN) -> AsyncIterator[Podman]:
+    """A :class:`Podman` whose storage and configuration live in ``tmpdir`` and its run
+    state in a short ``/tmp/rpd-XXXX`` dir.
+
+    ``registries.conf`` starts with no search registries (write your own with
+    :meth:`Podman.write_registries_conf`). The network backend is CNI, which podman only
+    configures in memory for pulls and pushes (netavark's would create
+    /run/containers/networks). On exit whatever podman left mounted is unmounted and its
+    storage and run state are removed.
+    """
+    base = Path(tmpdir)
+    base.mkdir(parents=True, exist_ok=True)
+    short = _short_dir()  # podman refuses a runroot path longer than 50 characters
+    tool = Podman(
+        base=base,
+        root=base / "storage",
+        runroot=short / "run",
+        tmpdir=short / "tmp",
+        registries_conf=base / "registries.conf",
+        policy_path=base / "policy.json",
+        binary=binary,
+    )
+    for path in (tool.root, tool.runroot, tool.tmpdir, base / "networks", base / "volumes"):
+        path.mkdir(exist_ok=True)
+    (base / "home").mkdir(exist_ok=True)
+    (base / "storage.conf").write_text(
+        "[storage]\n"
+        'driver = "vfs"\n'
+        f"graphroot = {json.dumps(str(tool.root))}\n"
+        f"runroot = {json.dumps(str(tool.runroot))}\n"
+    )
+    (base / "containers.conf").write_text(
+        '[engine]\nevents_logger = "none"\ncgroup_manager = "cgroupfs"\n'
+        f"image_copy_tmp_dir = {json.dumps(str(tool.tmpdir))}\n"
+        f"static_dir = {json.dumps(str(tool.root / 'libpod'))}\n"
+        f"volume_path = {json.dumps(str(base / 'volumes'))}\n"
+        '[network]\nnetwork_backend = "cni"\n'
+        f"network_config_dir = {json.dumps(str(base / 'networks'))}\n"
+    )
+    tool.write_registries_conf("unqualified-search-registries = []\n")
+    tool.policy_path.write_text(json.dumps(INSECURE_POLICY) + "\n")
+    (base / "auth.json").write_text("{}\n")
+    try:
+        yield tool
+    finally:
+        _unmount_under([tool.root, short])
+        shutil.rmtree(tool.root, ignore_errors=True)
+        shutil.rmtree(short, ignore_errors=True)
+
+
 # -- regproxy --------------------------------------------------------------------------------
 
 # The checkout's src/, so the server runs the code under test even without an editable install.

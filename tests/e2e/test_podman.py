@@ -1,0 +1,194 @@
+"""podman against ``regproxy serve``: a ``registries.conf`` mirror and a push.
+
+A ``[[registry.mirror]]`` with ``location = "<regproxy>/<upstream name>"`` (regproxy's prefix
+form) makes ``podman pull <upstream-host>/<repo>:<tag>`` ask regproxy for
+``<upstream name>/<repo>`` first, and the upstream itself only if the mirror fails. podman
+runs rootful with private storage and configuration (see :func:`tests.e2e.procs.podman`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.images import (
+    LayerSpec,
+    OciImage,
+    make_docker_archive,
+    make_oci_layout,
+)
+from tests.e2e.procs import (
+    PODMAN_BIN,
+    SKOPEO_BIN,
+    Podman,
+    RegistryProcess,
+    docker_registry,
+    podman,
+    regproxy,
+    skopeo,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
+
+MiB = 1 << 20
+PLATFORM = "linux/amd64"  # what images.py builds; pinned so an arm64 host pulls it too
+# distribution's access log (combined format): "GET /v2/... HTTP/1.1" 200 size "referer" "UA"
+ACCESS_RE = re.compile(r'"(GET|HEAD) (/v2/\S+) HTTP/[\d.]+" (\d{3}) \S+ "[^"]*" "([^"]*)"')
+
+
+@pytest.fixture(autouse=True)
+def _require_tools() -> None:
+    for tool in (PODMAN_BIN, SKOPEO_BIN):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} missing: apt-get install -y podman skopeo")
+
+
+def sha256_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def skopeo_ok(*args: str) -> str:
+    rc, out, err = await skopeo(*args)
+    assert rc == 0, f"skopeo {' '.join(args)} exited {rc}:\n{err}"
+    return out
+
+
+def mirror_conf(registry_host: str, mirror: str) -> str:
+    """registries.conf v2: ``registry_host`` (plain http) with one plain-http mirror."""
+    return (
+        "unqualified-search-registries = []\n"
+        "[[registry]]\n"
+        f'prefix = "{registry_host}"\n'
+        f'location = "{registry_host}"\n'
+        "insecure = true\n"
+        "[[registry.mirror]]\n"
+        f'location = "{mirror}"\n'
+        "insecure = true\n"
+    )
+
+
+async def pull(tool: Podman, ref: str, *extra: str) -> None:
+    await tool.check("pull", "--signature-policy", str(tool.policy_path), *extra, ref)
+
+
+async def inspect(tool: Podman, ref: str) -> dict[str, object]:
+    found = json.loads(await tool.check("image", "inspect", ref))
+    assert len(found) == 1, found
+    return dict(found[0])
+
+
+async def assert_pulled(tool: Podman, ref: str, image: OciImage) -> None:
+    """podman stored ``ref`` as ``image``: manifest digest, image ID and layer diff IDs."""
+    inspected = await inspect(tool, ref)
+    platform = image.manifests[0]
+    assert inspected["Digest"] == image.digest
+    assert inspected["Id"] == platform.config.digest.removeprefix("sha256:")
+    repo = ref.rsplit(":", 1)[0]
+    assert f"{repo}@{image.digest}" in list(inspected["RepoDigests"]), inspected  # type: ignore[call-overload]
+    assert inspected["RootFS"] == {"Type": "layers", "Layers": list(platform.diff_ids)}
+
+
+def upstream_requests(upstream: RegistryProcess) -> list[tuple[str, str, int, str]]:
+    """(method, path, status, user agent) of every /v2/ request the upstream logged."""
+    text = upstream.log_path.read_text(errors="replace")
+    return [(m[1], m[2], int(m[3]), m[4]) for m in ACCESS_RE.finditer(text)]
+
+
+async def test_podman_pull_through_registries_conf_mirror(tmp_path: Path) -> None:
+    image = make_oci_layout(
+        tmp_path / "src",
+        [LayerSpec(2 * MiB), LayerSpec(200_000), LayerSpec(1_000)],
+        tag="v1",
+        seed="podman-mirror",
+    )
+    async with docker_registry(tmp_path / "upstream") as upstream:
+        await skopeo_ok(
+            "copy",
+            "--dest-tls-verify=false",
+            image.ref(),
+            f"docker://{upstream.host}/e2e/podman:v1",
+        )
+        pushed = len(upstream_requests(upstream))
+        config = f'[upstreams."up"]\nurl = "{upstream.url}"\n'
+        async with (
+            regproxy(tmp_path / "proxy", config=config) as proxy,
+            podman(tmp_path / "podman") as tool,
+        ):
+            # The registry's own location is the real upstream: podman would fall back to it
+            # if the mirror failed, so the upstream's log (user agents) shows who fetched what.
+            tool.write_registries_conf(mirror_conf(upstream.host, f"{proxy.host}/up"))
+            ref = f"{upstream.host}/e2e/podman:v1"
+            await pull(tool, ref, "--platform", PLATFORM)
+            await assert_pulled(tool, ref, image)
+
+            sent = upstream_requests(upstream)[pushed:]
+            assert sent, "the upstream saw no request"
+            assert all("containers/" not in agent for *_, agent in sent), sent
+            blob_gets = [
+                path for method, path, _, _ in sent if method == "GET" and "/blobs/" in path
+            ]
+            assert sorted(blob_gets) == sorted(
+                f"/v2/e2e/podman/blobs/{b.digest}" for b in image.blobs
+            )
+            log = proxy.log_path.read_text(errors="replace")
+            for blob in image.blobs:
+                assert f'"path":"/v2/up/e2e/podman/blobs/{blob.digest}","status":200' in log
+
+            # With the upstream gone, fresh storage pulls the same image from regproxy's cache.
+            await upstream.process.stop()
+            async with podman(tmp_path / "podman-2") as second:
+                second.write_registries_conf(mirror_conf(upstream.host, f"{proxy.host}/up"))
+                await pull(second, ref, "--platform", PLATFORM)
+                await assert_pulled(second, ref, image)
+
+
+async def test_podman_push_to_hosted_repository(tmp_path: Path) -> None:
+    archive = make_docker_archive(
+        tmp_path / "image.tar", [2 * MiB, 100_000], "pm-push:v1", seed="podman-push"
+    )
+    async with regproxy(tmp_path / "proxy") as proxy, podman(tmp_path / "podman") as tool:
+        await tool.check("load", "--input", str(archive.path))
+        local = "localhost/pm-push:v1"
+        assert (await inspect(tool, local))["Id"] == archive.image_id.removeprefix("sha256:")
+        ref = f"{proxy.host}/hosted/podman:v1"
+        digest_file = tmp_path / "digest"
+        await tool.check(
+            "push",
+            "--signature-policy",
+            str(tool.policy_path),
+            "--tls-verify=false",
+            "--digestfile",
+            str(digest_file),
+            local,
+            f"docker://{ref}",
+        )
+        digest = digest_file.read_text().strip()
+
+        # skopeo reads back what podman pushed: the manifest it reported, the image's config,
+        # and layers that decompress to the image's diff IDs
+        raw = await skopeo_ok("inspect", "--raw", "--tls-verify=false", f"docker://{ref}")
+        assert sha256_of(raw.encode()) == digest
+        manifest = json.loads(raw)
+        assert manifest["config"]["digest"] == archive.image_id
+        copy = tmp_path / "copy"  # dir: keeps the manifest as it is, and names blobs by hex
+        await skopeo_ok("copy", "--src-tls-verify=false", f"docker://{ref}", f"dir:{copy}")
+        assert (copy / "manifest.json").read_text() == raw
+        assert (copy / archive.image_id[7:]).read_bytes() == archive.config
+        layers = [(copy / layer["digest"][7:]).read_bytes() for layer in manifest["layers"]]
+        assert [sha256_of(data) for data in layers] == [d["digest"] for d in manifest["layers"]]
+        diff_ids = [sha256_of(gzip.decompress(data)) for data in layers]
+        assert diff_ids == list(archive.diff_ids)
+
+        # ...and podman pulls it back into fresh storage as the same image
+        async with podman(tmp_path / "podman-2") as second:
+            await pull(second, ref, "--tls-verify=false")
+            inspected = await inspect(second, ref)
+            assert inspected["Digest"] == digest
+            assert inspected["Id"] == archive.image_id.removeprefix("sha256:")
+            assert inspected["RootFS"] == {"Type": "layers", "Layers": list(archive.diff_ids)}
