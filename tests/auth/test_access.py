@@ -252,9 +252,12 @@ async def test_mount_needs_pull_on_the_source(anon: Client, admin: Client, as_us
     digest = await push_blob(admin, "zeta/secret", b"secret layer")
     bob = await as_user(anon, "bob")
     params = {"mount": digest, "from": "zeta/secret"}
+    # bob may not pull the source: no mount, an upload starts (202), as for a missing blob,
+    # so the answer says nothing about zeta/secret (a 403 would also fail containerd's push)
     resp = await bob.post("/v2/team/app/blobs/uploads/", params=params)
-    error = await assert_error(resp, 403, "DENIED")
-    assert error["detail"] == [{"Type": "repository", "Name": "zeta/secret", "Action": "pull"}]
+    assert resp.status == 202, await resp.text()
+    assert resp.headers["Location"].startswith("/v2/team/app/blobs/uploads/")
+    await assert_error(await bob.get(f"/v2/team/app/blobs/{digest}"), 404, "BLOB_UNKNOWN")
     # without from, a mount would link the blob from anywhere: it starts an upload instead
     resp = await bob.post("/v2/team/app/blobs/uploads/", params={"mount": digest})
     assert resp.status == 202
@@ -266,6 +269,39 @@ async def test_mount_needs_pull_on_the_source(anon: Client, admin: Client, as_us
     assert resp.status == 201
     resp = await bob.get(f"/v2/team/app/blobs/{params['mount']}")
     assert await resp.read() == b"base layer"
+
+
+async def test_mount_with_a_token_as_containerd_pushes(anon: Client, admin: Client) -> None:
+    """containerd pushes a pulled layer with ``?mount=&from=<where it came from>``; only a 401
+    makes it fall back to a plain upload, any other error fails the push."""
+    secret = await push_blob(admin, "zeta/secret", b"secret layer")
+    base = await push_blob(admin, "public/base", b"base layer")
+    push_only = bearer(await token_for(anon, "bob", "repository:team/app:push,pull"))
+    uploads = "/v2/team/app/blobs/uploads/"
+    # a source bob may not pull: the mount is ignored and an upload starts
+    resp = await anon.post(
+        uploads, params={"mount": secret, "from": "zeta/secret"}, headers=push_only
+    )
+    assert resp.status == 202, await resp.text()
+    # a source bob may pull, but this token lacks it: 401 asks for a token that has it...
+    resp = await anon.post(
+        uploads, params={"mount": base, "from": "public/base"}, headers=push_only
+    )
+    await assert_error(resp, 401, "UNAUTHORIZED")
+    assert challenge(resp)["error"] == "insufficient_scope"
+    assert challenge(resp)["scope"] == "repository:team/app:push repository:public/base:pull"
+    # ...with which the mount works
+    both = bearer(
+        await token_for(anon, "bob", "repository:team/app:push,pull", "repository:public/base:pull")
+    )
+    resp = await anon.post(uploads, params={"mount": base, "from": "public/base"}, headers=both)
+    assert resp.status == 201, await resp.text()
+    # a push bob may not do stays refused, mount or not
+    resp = await anon.post(
+        "/v2/zeta/app/blobs/uploads/", params={"mount": base, "from": "public/base"}, headers=both
+    )
+    error = await assert_error(resp, 403, "DENIED")
+    assert error["detail"] == [{"Type": "repository", "Name": "zeta/app", "Action": "push"}]
 
 
 # -- tokens on requests --------------------------------------------------------------------

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from regproxy import oci
 from regproxy.api.request import body_chunks, has_body, registry, repo_name
-from regproxy.auth.service import CALLER
+from regproxy.auth.service import CALLER, MOUNT_SOURCE_DENIED
 from regproxy.errors import BlobUploadUnknown, DigestInvalid, RangeInvalid
 from regproxy.meta.base import BlobRow, UploadRow
 from regproxy.oci import Digest
@@ -71,7 +71,7 @@ async def post_upload(request: web.Request) -> web.Response:
     reg = registry(request)
     repo = repo_name(request)
     query = request.query
-    if "mount" in query:
+    if "mount" in query and not request.get(MOUNT_SOURCE_DENIED, False):
         source = oci.parse_name(query["from"]) if "from" in query else None
         # Without from, the blob may come from any repository: only if the caller may read all.
         if source is not None or request[CALLER].may_pull_everything():

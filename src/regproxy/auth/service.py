@@ -323,3 +323,5 @@ def build_authenticator(config: Config, pull_only: PullOnly) -> Authenticator:
 AUTH = web.AppKey("auth", Authenticator)
 # Set on every request the auth middleware lets through.
 CALLER = web.RequestKey("caller", Caller)
+# Set when a mount's ?from= is refused: the upload starts without mounting.
+MOUNT_SOURCE_DENIED = web.RequestKey("mount_source_denied", bool)
