@@ -39,6 +39,7 @@ from tests.e2e.procs import (
     raw_http,
     regproxy,
     skopeo,
+    write_htpasswd,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
@@ -221,3 +222,62 @@ async def test_ctr_push_to_hosted_repository(tmp_path: Path) -> None:
         await daemon.ctr_check(*pull, namespace="second")
         assert await image_digest(daemon, ref, "second") == image.digest
         await assert_content_is(daemon, image, "second")
+
+
+AUTH_CONFIG = """
+[upstreams."up"]
+url = "{upstream}"
+
+[auth]
+users_file = "{htpasswd}"
+
+[[auth.rules]]
+who = ["bob"]
+repos = ["up/**", "team/**"]
+actions = ["pull", "push"]
+"""
+BOB = "bob:bob-Secret-2"
+
+
+async def test_ctr_mirror_and_push_with_token_auth(tmp_path: Path) -> None:
+    """With auth on, ctr follows regproxy's Bearer challenges: the scope of a ``?ns=``
+    request names the upstream's cache (``up/...``), which ctr could not guess itself."""
+    image = build_image(tmp_path / "src", "ctr-auth")
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"bob": BOB.split(":", 1)[1]})
+    async with docker_registry(tmp_path / "upstream") as upstream:
+        await skopeo_ok(
+            "copy", "--dest-tls-verify=false", image.ref(), f"docker://{upstream.host}/e2e/ctr:v1"
+        )
+        pushed = len(upstream_requests(upstream))
+        config = AUTH_CONFIG.format(upstream=upstream.url, htpasswd=htpasswd)
+        async with (
+            regproxy(tmp_path / "proxy", config=config) as proxy,
+            containerd(tmp_path / "containerd") as daemon,
+        ):
+            hosts = tmp_path / "hosts"
+            write_hosts_toml(hosts, upstream.host, upstream.url, proxy.url)
+            ref = f"{upstream.host}/e2e/ctr:v1"
+            pull = ("images", "pull", "--hosts-dir", str(hosts), "--platform", PLATFORM)
+            await daemon.ctr_check(*pull, "--user", BOB, ref)
+            assert await image_digest(daemon, ref) == image.digest
+            await assert_content_is(daemon, image)
+            sent = upstream_requests(upstream)[pushed:]
+            assert sent and all("containerd" not in agent for *_, agent in sent), sent
+
+            target = f"{proxy.host}/team/ctr:v1"
+            await daemon.ctr_check("images", "tag", ref, target)
+            push = ("images", "push", "--plain-http", "--platform", PLATFORM)
+            rc, _, err = await daemon.ctr(*push, target)
+            assert rc != 0 and "insufficient_scope" in err, err  # anonymous
+            rc, _, err = await daemon.ctr(*push, "--user", "bob:wrong", target)
+            assert rc != 0 and "401" in err, err
+            # the layers came from the upstream, so ctr first tries ?mount=&from=e2e/ctr: a
+            # source bob may not pull, which must start a plain upload, not fail the push
+            await daemon.ctr_check(*push, "--user", BOB, target)
+            raw = await skopeo_ok(
+                "inspect", "--raw", "--tls-verify=false", f"--creds={BOB}", f"docker://{target}"
+            )
+            assert raw.encode() == image.read_blob(image.digest)
+        log = proxy.log_path.read_text(errors="replace")
+        assert '"path":"/token","status":200' in log
+        assert BOB.split(":", 1)[1] not in log
