@@ -881,13 +881,15 @@ class Podman:
     def write_registries_conf(self, text: str) -> None:
         self.registries_conf.write_text(text)
 
-    async def run(self, *args: str, timeout: float = 120.0) -> RunResult:
+    async def run(
+        self, *args: str, timeout: float = 120.0, input: bytes | None = None
+    ) -> RunResult:
         """``podman ARGS...`` -> ``(returncode, stdout, stderr)``."""
-        return await run(self.argv(*args), env=self.env(), timeout=timeout)
+        return await run(self.argv(*args), env=self.env(), timeout=timeout, input=input)
 
-    async def check(self, *args: str, timeout: float = 120.0) -> str:
+    async def check(self, *args: str, timeout: float = 120.0, input: bytes | None = None) -> str:
         """Like :meth:`run` but raise :class:`ProcessError` on a non-zero exit; return stdout."""
-        rc, out, err = await self.run(*args, timeout=timeout)
+        rc, out, err = await self.run(*args, timeout=timeout, input=input)
         if rc != 0:
             raise ProcessError(f"podman {' '.join(args)} exited {rc}: {err.strip() or out}")
         return out

@@ -32,6 +32,7 @@ from tests.e2e.procs import (
     podman,
     regproxy,
     skopeo,
+    write_htpasswd,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
@@ -192,3 +193,88 @@ async def test_podman_push_to_hosted_repository(tmp_path: Path) -> None:
             assert inspected["Digest"] == digest
             assert inspected["Id"] == archive.image_id.removeprefix("sha256:")
             assert inspected["RootFS"] == {"Type": "layers", "Layers": list(archive.diff_ids)}
+
+
+AUTH_CONFIG = """
+[upstreams."up"]
+url = "{upstream}"
+
+[auth]
+users_file = "{htpasswd}"
+
+[[auth.rules]]
+who = ["bob"]
+repos = ["up/**", "team/**"]
+actions = ["pull", "push"]
+"""
+BOB_PASSWORD = "bob-Secret-2"
+
+
+async def test_podman_login_mirror_and_push_with_auth(tmp_path: Path) -> None:
+    """``podman login`` to regproxy covers the mirror too (its credentials are looked up by
+    the mirror's host), and a push of the pulled image to a hosted repository works."""
+    image = make_oci_layout(
+        tmp_path / "src", [LayerSpec(MiB), LayerSpec(30_000)], tag="v1", seed="podman-auth"
+    )
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"bob": BOB_PASSWORD})
+    async with docker_registry(tmp_path / "upstream") as upstream:
+        await skopeo_ok(
+            "copy",
+            "--dest-tls-verify=false",
+            image.ref(),
+            f"docker://{upstream.host}/e2e/podman:v1",
+        )
+        pushed = len(upstream_requests(upstream))
+        config = AUTH_CONFIG.format(upstream=upstream.url, htpasswd=htpasswd)
+        async with (
+            regproxy(tmp_path / "proxy", config=config) as proxy,
+            podman(tmp_path / "podman") as tool,
+        ):
+            tool.write_registries_conf(mirror_conf(upstream.host, f"{proxy.host}/up"))
+            ref = f"{upstream.host}/e2e/podman:v1"
+            target = f"{proxy.host}/team/podman:v1"
+            policy = ("--signature-policy", str(tool.policy_path))
+            push = ("push", *policy, "--tls-verify=false", ref, f"docker://{target}")
+
+            rc, _, err = await tool.run(*push)  # nothing pulled yet, and no credentials
+            assert rc != 0, err
+            rc, out, err = await tool.run(
+                "login",
+                "--tls-verify=false",
+                "-u",
+                "bob",
+                "--password-stdin",
+                proxy.host,
+                input=b"wrong",
+            )
+            assert rc != 0 and "invalid username/password" in err, out + err
+            await tool.check(
+                "login",
+                "--tls-verify=false",
+                "-u",
+                "bob",
+                "--password-stdin",
+                proxy.host,
+                input=BOB_PASSWORD.encode(),
+            )
+            await pull(tool, ref, "--platform", PLATFORM)
+            await assert_pulled(tool, ref, image)
+            sent = upstream_requests(upstream)[pushed:]
+            assert sent and all("containers/" not in agent for *_, agent in sent), sent
+
+            await tool.check(*push)
+            raw = await skopeo_ok(
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                f"--creds=bob:{BOB_PASSWORD}",
+                f"docker://{target}",
+            )
+            # podman writes the manifest anew (its own key order), with the same content
+            assert json.loads(raw) == json.loads(image.read_blob(image.digest))
+            async with podman(tmp_path / "podman-2") as second:
+                rc, _, err = await second.run("pull", *policy, "--tls-verify=false", target)
+                assert rc != 0 and "unauthorized" in err.lower(), err
+        log = proxy.log_path.read_text(errors="replace")
+        assert '"path":"/token","status":200' in log
+        assert BOB_PASSWORD not in log
