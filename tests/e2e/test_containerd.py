@@ -24,6 +24,7 @@ from tests.e2e.images import (
     OciImage,
     build_tar,
     layout_ref_digest,
+    make_docker_archive,
     make_oci_layout,
     read_layout_blobs,
 )
@@ -45,6 +46,7 @@ from tests.e2e.procs import (
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
 MiB = 1 << 20
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 PLATFORM = "linux/amd64"  # what images.py builds; pinned so an arm64 host pulls it too
 # distribution's access log (combined format): "GET /v2/... HTTP/1.1" 200 size "referer" "UA"
 ACCESS_RE = re.compile(r'"(GET|HEAD) (/v2/\S+) HTTP/[\d.]+" (\d{3}) \S+ "[^"]*" "([^"]*)"')
@@ -177,6 +179,77 @@ async def test_ctr_pull_through_hosts_toml_mirror(tmp_path: Path) -> None:
             assert await image_digest(daemon, ref, "second") == image.digest
             await assert_content_is(daemon, image, "second")
             await assert_unpacked(daemon, ref, "second")
+
+
+async def test_ctr_pulls_an_index_and_a_docker_manifest_through_the_mirror(
+    tmp_path: Path,
+) -> None:
+    """A multi-platform index (one platform, then all of it by digest) and a Docker v2
+    schema 2 image, each negotiated through ``Accept`` on ``?ns=`` requests."""
+    multi = make_oci_layout(
+        tmp_path / "multi",
+        [MiB, 20_000],
+        platforms=[("linux", "amd64"), ("linux", "arm64")],
+        tag="v2",
+        seed="ctr-multi",
+    )
+    archive = make_docker_archive(tmp_path / "docker.tar", [300_000], "e2e/d:v1", seed="ctr-d")
+    async with docker_registry(tmp_path / "upstream") as upstream:
+        await skopeo_ok(
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+            multi.ref(),
+            f"docker://{upstream.host}/e2e/multi:v2",
+        )
+        await skopeo_ok(
+            "copy",
+            "--dest-tls-verify=false",
+            "--format=v2s2",
+            f"docker-archive:{archive.path}",
+            f"docker://{upstream.host}/e2e/docker:v1",
+        )
+        head = await raw_http(
+            upstream.port,
+            "HEAD",
+            "/v2/e2e/docker/manifests/v1",
+            headers={"Accept": DOCKER_MANIFEST},
+        )
+        docker_digest = head.headers["docker-content-digest"]
+        pushed = len(upstream_requests(upstream))
+        config = f'[upstreams."up"]\nurl = "{upstream.url}"\n'
+        async with (
+            regproxy(tmp_path / "proxy", config=config) as proxy,
+            containerd(tmp_path / "containerd") as daemon,
+        ):
+            hosts = tmp_path / "hosts"
+            write_hosts_toml(hosts, upstream.host, upstream.url, proxy.url)
+            pull = ("images", "pull", "--hosts-dir", str(hosts))
+
+            ref = f"{upstream.host}/e2e/multi:v2"
+            await daemon.ctr_check(*pull, "--platform", "linux/arm64", ref)
+            assert await image_digest(daemon, ref) == multi.digest
+            arm = multi.platform("linux", "arm64")
+            listed = set((await daemon.ctr_check("content", "ls", "--quiet")).split())
+            wanted = {multi.digest, arm.digest, arm.config.digest, *(b.digest for b in arm.layers)}
+            assert wanted <= listed, listed
+            amd = multi.platform("linux", "amd64")
+            assert not {b.digest for b in amd.layers} & listed  # only the platform asked for
+
+            by_digest = f"{upstream.host}/e2e/multi@{multi.digest}"
+            await daemon.ctr_check(*pull, "--all-platforms", by_digest, namespace="second")
+            await assert_content_is(daemon, multi, "second")
+
+            ref = f"{upstream.host}/e2e/docker:v1"
+            await daemon.ctr_check(*pull, "--platform", PLATFORM, ref)
+            assert await image_digest(daemon, ref) == docker_digest
+            rows = (await daemon.ctr_check("images", "ls", f"name=={ref}")).splitlines()
+            assert DOCKER_MANIFEST in rows[1], rows
+            blobs = daemon.root / "io.containerd.content.v1.content" / "blobs" / "sha256"
+            assert (blobs / archive.image_id[7:]).read_bytes() == archive.config
+
+            sent = upstream_requests(upstream)[pushed:]
+            assert sent and all("containerd" not in agent for *_, agent in sent), sent
 
 
 def oci_archive(image: OciImage, path: Path) -> Path:
