@@ -71,11 +71,16 @@ async def skopeo_ok(*args: str) -> str:
     return out
 
 
-def write_hosts_toml(hosts_dir: Path, registry_host: str, server: str, *mirrors: str) -> None:
-    """``hosts_dir/<registry_host>/hosts.toml``: ``server`` plus plain-http pull mirrors."""
+def write_hosts_toml(
+    hosts_dir: Path, registry_host: str, server: str, *mirrors: str, override_path: bool = False
+) -> None:
+    """``hosts_dir/<registry_host>/hosts.toml``: ``server`` plus plain-http pull mirrors
+    (``override_path``: a mirror URL's path replaces ``/v2``)."""
     lines = [f'server = "{server}"']
     for mirror in mirrors:
         lines += [f'[host."{mirror}"]', '  capabilities = ["pull", "resolve"]']
+        if override_path:
+            lines.append("  override_path = true")
     (hosts_dir / registry_host).mkdir(parents=True, exist_ok=True)
     (hosts_dir / registry_host / "hosts.toml").write_text("\n".join(lines) + "\n")
 
@@ -179,6 +184,37 @@ async def test_ctr_pull_through_hosts_toml_mirror(tmp_path: Path) -> None:
             assert await image_digest(daemon, ref, "second") == image.digest
             await assert_content_is(daemon, image, "second")
             await assert_unpacked(daemon, ref, "second")
+
+
+async def test_ctr_mirror_with_override_path(tmp_path: Path) -> None:
+    """``[host."http://regproxy/v2/up"]`` with ``override_path = true`` (how Harbor's proxy
+    projects are configured): the path already names the upstream's cache, and ``?ns=``,
+    which containerd still sends, must not prefix it again."""
+    image = build_image(tmp_path / "src", "ctr-override")
+    async with docker_registry(tmp_path / "upstream") as upstream:
+        await skopeo_ok(
+            "copy", "--dest-tls-verify=false", image.ref(), f"docker://{upstream.host}/e2e/ctr:v1"
+        )
+        pushed = len(upstream_requests(upstream))
+        config = f'[upstreams."up"]\nurl = "{upstream.url}"\n'
+        async with (
+            regproxy(tmp_path / "proxy", config=config) as proxy,
+            containerd(tmp_path / "containerd") as daemon,
+        ):
+            hosts = tmp_path / "hosts"
+            mirror = f"{proxy.url}/v2/up"
+            write_hosts_toml(hosts, upstream.host, upstream.url, mirror, override_path=True)
+            ref = f"{upstream.host}/e2e/ctr:v1"
+            await daemon.ctr_check(
+                "images", "pull", "--hosts-dir", str(hosts), "--platform", PLATFORM, ref
+            )
+            assert await image_digest(daemon, ref) == image.digest
+            await assert_content_is(daemon, image)
+            sent = upstream_requests(upstream)[pushed:]
+            assert sent and all("containerd" not in agent for *_, agent in sent), sent
+            served = proxy_requests(proxy)
+            for blob in image.blobs:
+                assert ("GET", f"/v2/up/e2e/ctr/blobs/{blob.digest}", 200) in served, served
 
 
 async def test_ctr_pulls_an_index_and_a_docker_manifest_through_the_mirror(

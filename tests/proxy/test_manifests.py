@@ -312,6 +312,26 @@ async def test_ns_selects_upstream(proxy: Client, upstream: FakeUpstream, by: st
     assert upstream.count("GET", f"/v2/{REPO}/manifests/oci") == 1
 
 
+async def test_ns_with_the_prefix_already_in_the_path(
+    proxy: Client, upstream: FakeUpstream
+) -> None:
+    """containerd's ``override_path = true`` on ``[host."http://regproxy/v2/fake"]`` (the
+    form Harbor's proxy projects use) sends ``/v2/fake/<repo>?ns=<upstream>``: the path is
+    already under the upstream's prefix, and must not be prefixed again."""
+    image = populate(upstream)["oci"]
+    assert upstream.base_url is not None
+    ns = f"127.0.0.1:{upstream.base_url.port}"
+    resp = await proxy.get(f"/v2/fake/{REPO}/manifests/oci", params={"ns": ns})
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == image.manifest
+    assert resp.headers["OCI-Namespace"] == ns
+    for digest, data in image.blobs.items():
+        resp = await proxy.get(f"/v2/fake/{REPO}/blobs/{digest}", params={"ns": ns})
+        assert resp.status == 200 and await resp.read() == data
+    assert upstream.count("GET", f"/v2/{REPO}/manifests/oci") == 1
+    assert upstream.count("GET", f"/v2/fake/{REPO}/manifests/oci") == 0
+
+
 async def test_ns_unknown_registry(proxy: Client, upstream: FakeUpstream) -> None:
     populate(upstream)
     resp = await proxy.get(f"/v2/{REPO}/manifests/oci", params={"ns": "elsewhere.example"})

@@ -22,7 +22,11 @@ def registry(request: web.Request) -> Registry:
 
 
 def repo_name(request: web.Request) -> str:
-    """The repository a request is about; ``?ns=<registry host>`` names an upstream's cache."""
+    """The repository a request is about; ``?ns=<registry host>`` names an upstream's cache.
+
+    A name already under that upstream's prefix stays as it is: containerd sends ``?ns=``
+    also to a mirror configured as ``http://regproxy/v2/<prefix>`` with ``override_path``.
+    """
     name = oci.parse_name(request.match_info["name"])
     ns = request.query.get("ns")
     if not ns or ns == request.host:
@@ -31,7 +35,7 @@ def repo_name(request: web.Request) -> str:
     if prefix is None:
         raise NameUnknown(f"no upstream is configured for registry {ns[:100]!r}")
     request[OCI_NAMESPACE] = ns
-    return f"{prefix}/{name}"
+    return name if name.startswith(f"{prefix}/") else f"{prefix}/{name}"
 
 
 def path_digest(request: web.Request, key: str = "digest") -> Digest:
