@@ -278,3 +278,76 @@ async def test_podman_login_mirror_and_push_with_auth(tmp_path: Path) -> None:
         log = proxy.log_path.read_text(errors="replace")
         assert '"path":"/token","status":200' in log
         assert BOB_PASSWORD not in log
+
+
+@pytest.mark.parametrize(
+    ("list_format", "list_type"),
+    [
+        ("oci", "application/vnd.oci.image.index.v1+json"),
+        ("v2s2", "application/vnd.docker.distribution.manifest.list.v2+json"),
+    ],
+)
+async def test_podman_manifest_push_of_a_list(
+    tmp_path: Path, list_format: str, list_type: str
+) -> None:
+    """``podman manifest push --all``: the images of a list, then the list (an OCI index or a
+    Docker manifest list) naming manifests pushed moments before, pulled back per platform."""
+    multi = make_oci_layout(
+        tmp_path / "src",
+        [200_000, 3_000],
+        platforms=[("linux", "amd64"), ("linux", "arm64")],
+        tag="v1",
+        seed="podman-list",
+    )
+    async with regproxy(tmp_path / "proxy") as proxy, podman(tmp_path / "podman") as tool:
+        for m in multi.manifests:
+            await skopeo_ok(
+                "copy",
+                "--dest-tls-verify=false",
+                f"--override-arch={m.architecture}",
+                multi.ref(),
+                f"docker://{proxy.host}/hosted/single:{m.architecture}",
+            )
+        await tool.check("manifest", "create", "localhost/list")
+        for m in multi.manifests:
+            await tool.check(
+                "manifest",
+                "add",
+                "--tls-verify=false",
+                "localhost/list",
+                f"docker://{proxy.host}/hosted/single:{m.architecture}",
+            )
+        target = f"{proxy.host}/hosted/list:v1"
+        # (manifest push takes no --signature-policy: the host's policy.json applies)
+        await tool.check(
+            "manifest",
+            "push",
+            "--all",
+            f"--format={list_format}",
+            "--tls-verify=false",
+            "localhost/list",
+            f"docker://{target}",
+        )
+        raw = await skopeo_ok("inspect", "--raw", "--tls-verify=false", f"docker://{target}")
+        index = json.loads(raw)
+        assert index["mediaType"] == list_type
+        entries = {e["platform"]["architecture"]: e for e in index["manifests"]}
+        assert sorted(entries) == ["amd64", "arm64"]
+        for m in multi.manifests:
+            entry = entries[m.architecture]
+            child = await skopeo_ok(
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                f"docker://{proxy.host}/hosted/list@{entry['digest']}",
+            )
+            assert sha256_of(child.encode()) == entry["digest"]
+            assert len(child.encode()) == entry["size"]
+            assert json.loads(child)["config"]["digest"] == m.config.digest
+
+        async with podman(tmp_path / "podman-2") as second:
+            await pull(second, target, "--tls-verify=false", "--platform", "linux/arm64")
+            inspected = await inspect(second, target)
+            arm = multi.platform("linux", "arm64")
+            assert inspected["Id"] == arm.config.digest.removeprefix("sha256:")
+            assert inspected["RootFS"] == {"Type": "layers", "Layers": list(arm.diff_ids)}
