@@ -1,7 +1,8 @@
 """Self-checks of the e2e infrastructure alone (no regproxy involved).
 
 They prove that the image builders make images real tools accept, and that docker-registry,
-dockerd and skopeo can be started, driven and stopped from tests, all on 127.0.0.1.
+dockerd, containerd, podman and skopeo can be started, driven and stopped from tests, all on
+127.0.0.1 (or unix sockets in the tests' directories).
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from tests.e2e.images import (
     read_layout_blobs,
 )
 from tests.e2e.procs import (
+    CONTAINERD_BIN,
     DOCKER_REGISTRY_BIN,
     DOCKERD_BIN,
+    PODMAN_BIN,
     SKOPEO_BIN,
     RegistryProcess,
+    containerd,
     docker_registry,
     dockerd,
+    podman,
     skopeo,
 )
 
@@ -217,3 +222,43 @@ async def test_dockerd_load_push_pull_and_mirror(tmp_path: Path) -> None:
         assert inspected["Id"] == archive.image_id
         assert inspected["RepoDigests"] == [f"selfcheck-mirror@{mirror_digest}"]
     assert "/v2/library/selfcheck-mirror/manifests/v1" in registry.log_path.read_text()
+
+
+@pytest.mark.asyncio
+async def test_containerd_pull_and_clean_stop(tmp_path: Path) -> None:
+    require(CONTAINERD_BIN)
+    require(DOCKER_REGISTRY_BIN)
+    image = make_oci_layout(tmp_path / "src", [100_000, 2_000], tag="v1", seed="selfcheck-ctr")
+    async with docker_registry(tmp_path / "registry") as registry:
+        ref = f"{registry.host}/selfcheck/ctr:v1"
+        await skopeo_ok("copy", "--dest-tls-verify=false", image.ref(), f"docker://{ref}")
+        async with containerd(tmp_path / "containerd") as daemon:
+            await daemon.ctr_check(
+                "images", "pull", "--plain-http", "--platform", "linux/amd64", ref
+            )
+            listed = await daemon.ctr_check("images", "ls", f"name=={ref}")
+            assert image.digest in listed, listed
+            # content is isolated per namespace: another one has none of it
+            assert (await daemon.ctr_check("content", "ls", "--quiet", namespace="other")) == ""
+        assert not daemon.process.alive()  # stopped (and reaped) by its PID
+        assert not daemon.socket_path.parent.exists() and not daemon.root.exists()
+
+
+@pytest.mark.asyncio
+async def test_podman_pull_and_clean_stop(tmp_path: Path) -> None:
+    require(PODMAN_BIN)
+    require(DOCKER_REGISTRY_BIN)
+    image = make_oci_layout(tmp_path / "src", [100_000, 2_000], tag="v1", seed="selfcheck-pm")
+    async with docker_registry(tmp_path / "registry") as registry:
+        ref = f"{registry.host}/selfcheck/podman:v1"
+        await skopeo_ok("copy", "--dest-tls-verify=false", image.ref(), f"docker://{ref}")
+        async with podman(tmp_path / "podman") as tool:
+            policy = str(tool.policy_path)
+            await tool.check("pull", "--signature-policy", policy, "--tls-verify=false", ref)
+            inspected = json.loads(await tool.check("image", "inspect", ref))[0]
+            assert inspected["Digest"] == image.digest
+            info = json.loads(await tool.check("info", "--format", "json"))
+            assert info["store"]["graphRoot"] == str(tool.root)
+            assert info["store"]["graphDriverName"] == "vfs"
+            run_dir = tool.runroot.parent
+        assert not tool.root.exists() and not run_dir.exists()
