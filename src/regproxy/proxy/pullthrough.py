@@ -41,7 +41,7 @@ from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone
 from regproxy.proxy.upstream import Upstream, UpstreamStatus
 from regproxy.registry.base import ContentRange
 from regproxy.registry.hosted import HostedRegistry
-from regproxy.registry.manifest import parse_manifest
+from regproxy.registry.manifest import lookup_reference, parse_manifest
 from regproxy.streams import rechunk
 
 log = logging.getLogger(__name__)
@@ -225,15 +225,15 @@ class PullThroughRegistry:
 
     async def get_manifest(self, repo: str, reference: str) -> ManifestRow:
         upstream, remote = self.split(repo)
-        if oci.is_digest(reference):
-            digest = Digest.parse(reference)
-            cached = await self.meta.get_manifest(repo, digest)
+        wanted = lookup_reference(reference)
+        if isinstance(wanted, Digest):
+            cached = await self.meta.get_manifest(repo, wanted)
             if cached is not None:
                 return cached
             return await self._flight(
                 repo, reference, lambda: self._fetch_manifest(upstream, remote, repo, reference)
             )
-        tag = oci.parse_tag(reference)
+        tag = wanted
         cached = await self.meta.get_tagged_manifest(repo, tag)
         if cached is None:
             return await self._flight(

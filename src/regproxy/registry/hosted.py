@@ -33,7 +33,7 @@ from regproxy.errors import (
 from regproxy.meta.base import BlobRow, ManifestRow, MetadataStore, UploadRow
 from regproxy.oci import Digest
 from regproxy.registry.base import ContentRange
-from regproxy.registry.manifest import annotations_of, parse_manifest
+from regproxy.registry.manifest import annotations_of, lookup_reference, parse_manifest
 from regproxy.storage.base import BlobStore, BlobWriter
 
 log = logging.getLogger(__name__)
@@ -285,10 +285,11 @@ class HostedRegistry:
     # -- manifests --------------------------------------------------------------------------
 
     async def get_manifest(self, repo: str, reference: str) -> ManifestRow:
-        if oci.is_digest(reference):
-            manifest = await self.meta.get_manifest(repo, Digest.parse(reference))
+        wanted = lookup_reference(reference)
+        if isinstance(wanted, Digest):
+            manifest = await self.meta.get_manifest(repo, wanted)
         else:
-            manifest = await self.meta.get_tagged_manifest(repo, oci.parse_tag(reference))
+            manifest = await self.meta.get_tagged_manifest(repo, wanted)
         if manifest is None:
             raise ManifestUnknown(detail={"reference": reference})
         return manifest

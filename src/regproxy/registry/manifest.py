@@ -7,9 +7,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from regproxy import oci
-from regproxy.errors import DigestInvalid, ManifestInvalid
+from regproxy.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, TagInvalid
 from regproxy.meta.base import Reference
 from regproxy.oci import Digest
+
+
+def lookup_reference(reference: str) -> Digest | str:
+    """The digest or tag a manifest GET or HEAD names.
+
+    A reference that is neither names no manifest that could exist: it is unknown (404
+    MANIFEST_UNKNOWN, as distribution answers), not invalid. Pushes still refuse it as
+    TAG_INVALID or DIGEST_INVALID.
+    """
+    try:
+        return Digest.parse(reference) if oci.is_digest(reference) else oci.parse_tag(reference)
+    except (DigestInvalid, TagInvalid) as exc:
+        raise ManifestUnknown(
+            f"no manifest can have the reference {reference[:200]!r}",
+            detail={"reference": reference[:200]},
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)
