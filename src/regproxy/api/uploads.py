@@ -104,8 +104,11 @@ async def patch_upload(request: web.Request) -> web.Response:
 async def put_upload(request: web.Request) -> web.Response:
     repo = repo_name(request)
     digest = _query_digest(request)
+    content_range = _content_range(request)
     body = body_chunks(request) if has_body(request) else None
-    blob = await registry(request).finish_upload(repo, _upload_id(request), body, digest)
+    blob = await registry(request).finish_upload(
+        repo, _upload_id(request), body, digest, content_range
+    )
     return _created(repo, blob)
 
 

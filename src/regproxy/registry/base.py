@@ -61,8 +61,15 @@ class Registry(Protocol):
     ) -> UploadRow: ...
 
     async def finish_upload(
-        self, repo: str, upload_id: str, body: AsyncIterator[bytes] | None, digest: Digest
-    ) -> BlobRow: ...
+        self,
+        repo: str,
+        upload_id: str,
+        body: AsyncIterator[bytes] | None,
+        digest: Digest,
+        content_range: ContentRange | None = None,
+    ) -> BlobRow:
+        """Finish with the last chunk, if any; a ``content_range`` must start at the offset."""
+        ...
 
     async def put_blob(self, repo: str, digest: Digest, body: AsyncIterator[bytes]) -> BlobRow: ...
 

@@ -129,29 +129,31 @@ class HostedRegistry:
     ) -> UploadRow:
         async with self._upload_lock(upload_id):
             upload = await self.get_upload(repo, upload_id)
-            if content_range is not None and content_range.start != upload.offset:
-                raise RangeInvalid(
-                    f"chunk starts at {content_range.start}, the upload holds {upload.offset}"
-                    " bytes",
-                    headers={"Range": range_header(upload.offset), oci.UPLOAD_UUID: upload_id},
-                )
-            expected = content_range.length if content_range is not None else None
+            expected = _expected_length(upload, content_range)
             writer, hasher = await self._resume(upload)
             size, state = await self._receive(upload, writer, hasher, body, expected)
             return await self._record(upload, size, state, hasher)
 
     async def finish_upload(
-        self, repo: str, upload_id: str, body: AsyncIterator[bytes] | None, digest: Digest
+        self,
+        repo: str,
+        upload_id: str,
+        body: AsyncIterator[bytes] | None,
+        digest: Digest,
+        content_range: ContentRange | None = None,
     ) -> BlobRow:
         async with self._upload_lock(upload_id):
             upload = await self.get_upload(repo, upload_id)
+            expected = _expected_length(upload, content_range if body is not None else None)
             writer, hasher = await self._resume(upload)
             size = upload.offset
             if body is not None and digest.algorithm == upload.algorithm:
                 # The last bytes go straight into the commit: nothing to record in between.
-                size, _ = await self._receive(upload, writer, hasher, body, None, keep_open=True)
+                size, _ = await self._receive(
+                    upload, writer, hasher, body, expected, keep_open=True
+                )
             elif body is not None:
-                size, state = await self._receive(upload, writer, hasher, body, None)
+                size, state = await self._receive(upload, writer, hasher, body, expected)
                 upload = await self._record(upload, size, state, hasher)
                 writer, hasher = await self._resume(upload)
             if digest.algorithm != upload.algorithm:
@@ -362,6 +364,18 @@ class HostedRegistry:
                 descriptor["annotations"] = annotations
             descriptors.append(descriptor)
         return descriptors
+
+
+def _expected_length(upload: UploadRow, content_range: ContentRange | None) -> int | None:
+    """The length of a chunk that must start where the upload ends (416 if it does not)."""
+    if content_range is None:
+        return None
+    if content_range.start != upload.offset:
+        raise RangeInvalid(
+            f"chunk starts at {content_range.start}, the upload holds {upload.offset} bytes",
+            headers={"Range": range_header(upload.offset), oci.UPLOAD_UUID: upload.id},
+        )
+    return content_range.length
 
 
 def _lock_for(locks: weakref.WeakValueDictionary[str, asyncio.Lock], key: str) -> asyncio.Lock:

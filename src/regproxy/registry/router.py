@@ -105,9 +105,14 @@ class RegistryRouter:
         return await self._for(repo).append_upload(repo, upload_id, body, content_range)
 
     async def finish_upload(
-        self, repo: str, upload_id: str, body: AsyncIterator[bytes] | None, digest: Digest
+        self,
+        repo: str,
+        upload_id: str,
+        body: AsyncIterator[bytes] | None,
+        digest: Digest,
+        content_range: ContentRange | None = None,
     ) -> BlobRow:
-        return await self._for(repo).finish_upload(repo, upload_id, body, digest)
+        return await self._for(repo).finish_upload(repo, upload_id, body, digest, content_range)
 
     async def put_blob(self, repo: str, digest: Digest, body: AsyncIterator[bytes]) -> BlobRow:
         return await self._for(repo).put_blob(repo, digest, body)
