@@ -15,6 +15,8 @@ it behave like the upstreams a cache meets in the wild:
   chunked, without a ``Content-Length``.
 - ``status``/``retry_after``: answer every registry request with that status (e.g. 429, 500);
   ``down``: drop every connection without an answer; ``delay``: sleep before answering.
+- ``raw_bodies``: path -> bytes to answer a GET of that path with (200, JSON), whatever it
+  is (a tag list, a token, referrers): hostile or malformed documents.
 - ``redirect_to``: answer blob GETs with a 307 to ``<redirect_to>/<digest>``, served by this
   app's own ``/cdn/`` route or by a second server from :func:`cdn_app` (a CDN stand-in).
 """
@@ -111,6 +113,7 @@ class FakeUpstream:
     no_length: set[str] = field(default_factory=set)  # sent chunked, without Content-Length
     redirect_to: yarl.URL | None = None
     referrers_api: bool = True
+    raw_bodies: dict[str, bytes] = field(default_factory=dict)
     # state
     tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
     first_sent: asyncio.Event = field(default_factory=asyncio.Event)
@@ -259,7 +262,11 @@ class FakeUpstream:
         if self.delay:
             await asyncio.sleep(self.delay)
         response: web.StreamResponse
-        if request.path == "/token" or request.path.startswith("/cdn/"):
+        if request.path in self.raw_bodies:
+            response = web.Response(
+                body=self.raw_bodies[request.path], content_type="application/json"
+            )
+        elif request.path == "/token" or request.path.startswith("/cdn/"):
             response = await handler(request)
         elif self.status is not None:
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}

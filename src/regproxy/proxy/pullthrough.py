@@ -38,7 +38,7 @@ from regproxy.meta.base import BlobRow, ManifestRow, UploadRow
 from regproxy.oci import Digest
 from regproxy.proxy.auth import TokenError
 from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone
-from regproxy.proxy.upstream import Upstream, UpstreamStatus
+from regproxy.proxy.upstream import Upstream, UpstreamInvalid, UpstreamStatus
 from regproxy.registry.base import ContentRange
 from regproxy.registry.hosted import HostedRegistry
 from regproxy.registry.manifest import lookup_reference, parse_manifest
@@ -56,6 +56,8 @@ def upstream_error(exc: BaseException, what: str) -> RegistryError:
     """The spec's error for an upstream failure when nothing cached can stand in."""
     if isinstance(exc, RegistryError):
         return exc
+    if isinstance(exc, UpstreamInvalid):
+        return Unavailable(f"the upstream sent an unusable answer for {what}: {exc}")
     if isinstance(exc, UpstreamStatus):
         if exc.status == 404:
             return ManifestUnknown(f"{what} is not known upstream")

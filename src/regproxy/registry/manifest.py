@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from regproxy import oci
+from regproxy import oci, safejson
 from regproxy.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, TagInvalid
 from regproxy.meta.base import Reference
 from regproxy.oci import Digest
+from regproxy.safejson import JSONTooDeep
 
 
 def lookup_reference(reference: str) -> Digest | str:
@@ -44,8 +44,10 @@ def parse_manifest(content_type: str | None, content: bytes) -> ParsedManifest:
     when the request names none; when both are present they must agree.
     """
     try:
-        doc = json.loads(content)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = safejson.loads(content)
+    except JSONTooDeep as exc:
+        raise ManifestInvalid(f"manifest is {exc}") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise ManifestInvalid("manifest must be a JSON object")
@@ -108,7 +110,8 @@ def parse_manifest(content_type: str | None, content: bytes) -> ParsedManifest:
 
 
 def annotations_of(content: bytes) -> dict[str, str] | None:
-    value = json.loads(content).get("annotations")
+    doc = safejson.loads(content)
+    value = doc.get("annotations") if isinstance(doc, dict) else None
     return value if isinstance(value, dict) else None
 
 
