@@ -90,7 +90,9 @@ def parse_manifest(content_type: str | None, content: bytes) -> ParsedManifest:
             raise ManifestInvalid("manifests must be an array")
         for i, raw in enumerate(children):
             child = _descriptor(raw, f"manifests[{i}]")
-            references.append(Reference(child.digest, is_manifest=True))
+            # Each entry is what its media type says: a child manifest, or a blob.
+            is_manifest = child.media_type in oci.KNOWN_MANIFEST_TYPES
+            references.append(Reference(child.digest, is_manifest=is_manifest))
 
     subject = None
     if "subject" in doc:
