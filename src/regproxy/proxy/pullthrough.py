@@ -357,7 +357,14 @@ class PullThroughRegistry:
     async def delete_blob(self, repo: str, digest: Digest) -> None:
         self._read_only(repo)
 
-    async def mount_blob(self, repo: str, digest: Digest, source: str | None) -> BlobRow | None:
+    async def mount_blob(
+        self,
+        repo: str,
+        digest: Digest,
+        source: str | None,
+        *,
+        may_pull: Callable[[str], bool] | None = None,
+    ) -> BlobRow | None:
         self._read_only(repo)
 
     async def start_upload(self, repo: str, algorithm: str = "sha256") -> UploadRow:

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -90,10 +90,25 @@ class HostedRegistry:
             if gone is not None:
                 await self.storage.delete(gone.storage_key)
 
-    async def mount_blob(self, repo: str, digest: Digest, source: str | None) -> BlobRow | None:
-        """Link an existing blob into ``repo``: from ``source``, or from anywhere it is stored."""
+    async def mount_blob(
+        self,
+        repo: str,
+        digest: Digest,
+        source: str | None,
+        *,
+        may_pull: Callable[[str], bool] | None = None,
+    ) -> BlobRow | None:
+        """Link an existing blob into ``repo``: from ``source``; without one, from any
+        repository ``may_pull`` accepts, or from anywhere it is stored if that is None.
+
+        A blob only in repositories the caller may not pull is as absent as one stored
+        nowhere: the same None, so nothing about it leaks.
+        """
         if source is not None:
             blob = await self.meta.get_repo_blob(source, digest)
+        elif may_pull is not None:
+            readable = any(may_pull(name) for name in await self.meta.blob_repositories(digest))
+            blob = await self.meta.get_blob(digest) if readable else None
         else:
             blob = await self.meta.get_blob(digest)
         if blob is None:
