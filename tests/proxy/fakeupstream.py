@@ -15,6 +15,9 @@ it behave like the upstreams a cache meets in the wild:
   chunked, without a ``Content-Length``.
 - ``status``/``retry_after``: answer every registry request with that status (e.g. 429, 500);
   ``down``: drop every connection without an answer; ``delay``: sleep before answering.
+- ``tags_page_max``: cap the ``n`` of tag lists (and the default page) at this many, with
+  a ``Link: <...?last=...&n=...>; rel="next"`` while more remain (``link_style`` "absolute"
+  for a full URL, "foreign" for one on another host), as Docker Hub and distribution do.
 - ``raw_bodies``: path -> bytes to answer a GET of that path with (200, JSON), whatever it
   is (a tag list, a token, referrers): hostile or malformed documents.
 - ``redirect_to``: answer blob GETs with a 307 to ``<redirect_to>/<digest>``, served by this
@@ -114,6 +117,8 @@ class FakeUpstream:
     redirect_to: yarl.URL | None = None
     referrers_api: bool = True
     raw_bodies: dict[str, bytes] = field(default_factory=dict)
+    tags_page_max: int | None = None
+    link_style: str = "relative"  # "relative", "absolute", "foreign"
     # state
     tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
     first_sent: asyncio.Event = field(default_factory=asyncio.Event)
@@ -352,9 +357,21 @@ class FakeUpstream:
             return _error(404, "NAME_UNKNOWN", repo)
         last = request.query.get("last", "")
         names = [t for t in names if t > last]
-        if "n" in request.query:
-            names = names[: int(request.query["n"])]
-        return web.json_response({"name": repo, "tags": names})
+        n = int(request.query["n"]) if "n" in request.query else None
+        if self.tags_page_max is not None:
+            n = self.tags_page_max if n is None else min(n, self.tags_page_max)
+        headers = {}
+        if n is not None:
+            if self.tags_page_max is not None and len(names) > n > 0:
+                query = yarl.URL.build(path=request.path, query={"last": names[n - 1], "n": n})
+                target = str(query)
+                if self.link_style == "absolute":
+                    target = str(request.url.with_path(request.path).with_query(query.query))
+                elif self.link_style == "foreign":
+                    target = "http://elsewhere.invalid" + target
+                headers["Link"] = f'<{target}>; rel="next"'
+            names = names[:n]
+        return web.json_response({"name": repo, "tags": names}, headers=headers)
 
     async def _referrers(self, request: web.Request) -> web.Response:
         if not self.referrers_api:

@@ -27,6 +27,8 @@ MANIFEST_ACCEPT = ", ".join(
 
 # Tag lists and referrers indexes larger than this are refused, not read into memory.
 DOCUMENT_MAX_BYTES = 16 << 20
+# Pages of an upstream's tag list followed for one client page, at most.
+TAG_PAGES_MAX = 1000
 
 
 class UpstreamStatus(Exception):
@@ -143,16 +145,44 @@ class Upstream:
             yield r
 
     async def list_tags(self, repo: str, last: str, limit: int) -> list[str] | None:
+        """Up to ``limit`` tags after ``last`` (None: no such repository).
+
+        An upstream may cap ``n`` below ``limit`` (Docker Hub sends at most 100): then its
+        ``Link: <...>; rel="next"`` is followed, on the upstream's own origin only, until
+        ``limit`` tags are in or it has no more.
+        """
+        path = f"/v2/{repo}/tags/list"
         params = {"n": str(limit)}
         if last:
             params["last"] = last
-        async with self.request("GET", f"/v2/{repo}/tags/list", repo, params=params) as r:
-            _check(r)
-            if r.status == 404:
-                return None
-            body = await _document(r)
-        tags = body.get("tags")
-        return [t for t in tags or [] if isinstance(t, str)] if isinstance(tags, list) else []
+        found: dict[str, None] = {}
+        for _ in range(TAG_PAGES_MAX):
+            async with self.request("GET", path, repo, params=params) as r:
+                _check(r)
+                if r.status == 404:
+                    return list(found) if found else None
+                body = await _document(r)
+                following = self._next_page(r)
+            tags = body.get("tags")
+            page = [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+            before = len(found)
+            found.update(dict.fromkeys(page))
+            if len(found) >= limit or following is None or len(found) == before:
+                break
+            path, params = following
+            params["n"] = str(limit - len(found))
+        return list(found)
+
+    def _next_page(self, response: aiohttp.ClientResponse) -> tuple[str, dict[str, str]] | None:
+        """The path and query of the ``rel="next"`` page, if on this upstream's origin."""
+        link = response.links.get("next")
+        url = link.get("url") if link is not None else None
+        if not isinstance(url, yarl.URL) or url.origin() != self.base.origin():
+            return None
+        prefix = self.base.path.rstrip("/")
+        if not url.path.startswith(prefix + "/v2/"):
+            return None
+        return url.path[len(prefix) :], dict(url.query)
 
     async def referrers(
         self, repo: str, subject: Digest, artifact_type: str | None
