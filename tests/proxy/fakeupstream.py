@@ -18,6 +18,8 @@ it behave like the upstreams a cache meets in the wild:
 - ``tags_page_max``: cap the ``n`` of tag lists (and the default page) at this many, with
   a ``Link: <...?last=...&n=...>; rel="next"`` while more remain (``link_style`` "absolute"
   for a full URL, "foreign" for one on another host), as Docker Hub and distribution do.
+- ``tags_unpaged``: ignore ``n`` and ``last`` and send every tag, unsorted, as
+  distribution 2.8 (Debian's docker-registry) does.
 - ``raw_bodies``: path -> bytes to answer a GET of that path with (200, JSON), whatever it
   is (a tag list, a token, referrers): hostile or malformed documents.
 - ``redirect_to``: answer blob GETs with a 307 to ``<redirect_to>/<digest>``, served by this
@@ -119,6 +121,7 @@ class FakeUpstream:
     raw_bodies: dict[str, bytes] = field(default_factory=dict)
     tags_page_max: int | None = None
     link_style: str = "relative"  # "relative", "absolute", "foreign"
+    tags_unpaged: bool = False
     # state
     tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
     first_sent: asyncio.Event = field(default_factory=asyncio.Event)
@@ -355,6 +358,8 @@ class FakeUpstream:
         names = sorted(tag for (r, tag) in self.tags if r == repo)
         if not names and not any(r == repo for r, _ in self.manifests):
             return _error(404, "NAME_UNKNOWN", repo)
+        if self.tags_unpaged:
+            return web.json_response({"name": repo, "tags": names[1::2] + names[::2]})
         last = request.query.get("last", "")
         names = [t for t in names if t > last]
         n = int(request.query["n"]) if "n" in request.query else None

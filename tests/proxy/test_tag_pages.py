@@ -83,3 +83,20 @@ async def test_an_upstream_that_does_not_cap_is_asked_once(
     assert tags == TAGS[:10]
     assert link == f'<{LIST}?n=10&last={TAGS[9]}>; rel="next"'
     assert len([s for s in upstream.seen if s.path.endswith("/tags/list")]) == 1
+
+
+async def test_an_upstream_that_ignores_n_and_last(proxy: Client, upstream: FakeUpstream) -> None:
+    """distribution 2.8 sends every tag, unsorted, whatever n and last say: regproxy's pages
+    must still be the sorted slices after ``last``, and its Link must lead to the end."""
+    _populate(upstream)
+    upstream.tags_unpaged = True
+    seen: list[str] = []
+    params = {"n": "5"}
+    for _ in range(10):
+        tags, link = await _page(proxy, **params)
+        seen += tags
+        if link is None:
+            break
+        assert link == f'<{LIST}?n=5&last={tags[-1]}>; rel="next"'
+        params = {"n": "5", "last": tags[-1]}
+    assert seen == TAGS

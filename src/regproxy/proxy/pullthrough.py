@@ -329,7 +329,8 @@ class PullThroughRegistry:
             return await self.hosted.list_tags(repo, last, limit)
         if tags is None:
             raise NameUnknown(detail={"name": repo})
-        return sorted(tags)[:limit]
+        # Some upstreams (distribution 2.8) ignore n and last and send every tag unsorted.
+        return sorted(tag for tag in tags if tag > last)[:limit]
 
     async def referrers(
         self, repo: str, subject: Digest, artifact_type: str | None
