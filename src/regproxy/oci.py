@@ -92,9 +92,15 @@ DOCKER_SCHEMA1: Final = (
     "application/vnd.docker.distribution.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
 )
+OCI_ARTIFACT_MANIFEST: Final = "application/vnd.oci.artifact.manifest.v1+json"  # withdrawn
 IMAGE_MANIFEST_TYPES: Final = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES: Final = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+# What may be pushed (and pulled) as a manifest here.
 MANIFEST_TYPES: Final = IMAGE_MANIFEST_TYPES | INDEX_TYPES
+# Every media type that names a manifest, supported or not: an index entry of one of these
+# is a child manifest; an entry of any other type is a blob (BuildKit's cache index lists
+# its layers and its cache config that way).
+KNOWN_MANIFEST_TYPES: Final = MANIFEST_TYPES | frozenset({*DOCKER_SCHEMA1, OCI_ARTIFACT_MANIFEST})
 OCTET_STREAM: Final = "application/octet-stream"
 
 # -- header names ----------------------------------------------------------------------------

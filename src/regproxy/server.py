@@ -15,18 +15,46 @@ import signal
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from regproxy.api.middleware import IN_FLIGHT
 from regproxy.app import create_app
 from regproxy.config import Config
 
 log = logging.getLogger(__name__)
+# aiohttp's connection-level logger: where it reports requests it could not even parse.
+SERVER_LOGGER = "aiohttp.server"
+
+
+class MalformedRequestFilter(logging.Filter):
+    """One line at WARNING for a request aiohttp could not parse, instead of an ERROR with
+    a traceback of aiohttp's parser (garbage bytes, a bad request line, HTTP version or
+    header). There is nothing to debug in regproxy: the client sent something broken and
+    got its 400. What aiohttp logs lower (DEBUG: a first "method" that is no HTTP method,
+    such as TLS sent to the HTTP port) stays that low."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.msg, record.args = "bad request from %s: %s", (remote, _one_line(exc))
+            record.exc_info = record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _one_line(exc: HttpProcessingError) -> str:
+    text = " ".join(str(exc.message).split()).rstrip(" ^")  # the caret under the bad byte
+    return f"{exc.code} {text[:200]}"
 
 
 async def run(config: Config, **handler_options: Any) -> None:
     """Serve ``config.listen`` until a signal; ``handler_options`` go to aiohttp's runner."""
     app = create_app(config)
     runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout, **handler_options)
+    malformed = MalformedRequestFilter()
+    logging.getLogger(SERVER_LOGGER).addFilter(malformed)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)
@@ -52,3 +80,4 @@ async def run(config: Config, **handler_options: Any) -> None:
             )
     finally:
         await runner.cleanup()
+        logging.getLogger(SERVER_LOGGER).removeFilter(malformed)

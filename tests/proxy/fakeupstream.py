@@ -15,6 +15,13 @@ it behave like the upstreams a cache meets in the wild:
   chunked, without a ``Content-Length``.
 - ``status``/``retry_after``: answer every registry request with that status (e.g. 429, 500);
   ``down``: drop every connection without an answer; ``delay``: sleep before answering.
+- ``tags_page_max``: cap the ``n`` of tag lists (and the default page) at this many, with
+  a ``Link: <...?last=...&n=...>; rel="next"`` while more remain (``link_style`` "absolute"
+  for a full URL, "foreign" for one on another host), as Docker Hub and distribution do.
+- ``tags_unpaged``: ignore ``n`` and ``last`` and send every tag, unsorted, as
+  distribution 2.8 (Debian's docker-registry) does.
+- ``raw_bodies``: path -> bytes to answer a GET of that path with (200, JSON), whatever it
+  is (a tag list, a token, referrers): hostile or malformed documents.
 - ``redirect_to``: answer blob GETs with a 307 to ``<redirect_to>/<digest>``, served by this
   app's own ``/cdn/`` route or by a second server from :func:`cdn_app` (a CDN stand-in).
 """
@@ -111,6 +118,10 @@ class FakeUpstream:
     no_length: set[str] = field(default_factory=set)  # sent chunked, without Content-Length
     redirect_to: yarl.URL | None = None
     referrers_api: bool = True
+    raw_bodies: dict[str, bytes] = field(default_factory=dict)
+    tags_page_max: int | None = None
+    link_style: str = "relative"  # "relative", "absolute", "foreign"
+    tags_unpaged: bool = False
     # state
     tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
     first_sent: asyncio.Event = field(default_factory=asyncio.Event)
@@ -259,7 +270,11 @@ class FakeUpstream:
         if self.delay:
             await asyncio.sleep(self.delay)
         response: web.StreamResponse
-        if request.path == "/token" or request.path.startswith("/cdn/"):
+        if request.path in self.raw_bodies:
+            response = web.Response(
+                body=self.raw_bodies[request.path], content_type="application/json"
+            )
+        elif request.path == "/token" or request.path.startswith("/cdn/"):
             response = await handler(request)
         elif self.status is not None:
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
@@ -343,11 +358,25 @@ class FakeUpstream:
         names = sorted(tag for (r, tag) in self.tags if r == repo)
         if not names and not any(r == repo for r, _ in self.manifests):
             return _error(404, "NAME_UNKNOWN", repo)
+        if self.tags_unpaged:
+            return web.json_response({"name": repo, "tags": names[1::2] + names[::2]})
         last = request.query.get("last", "")
         names = [t for t in names if t > last]
-        if "n" in request.query:
-            names = names[: int(request.query["n"])]
-        return web.json_response({"name": repo, "tags": names})
+        n = int(request.query["n"]) if "n" in request.query else None
+        if self.tags_page_max is not None:
+            n = self.tags_page_max if n is None else min(n, self.tags_page_max)
+        headers = {}
+        if n is not None:
+            if self.tags_page_max is not None and len(names) > n > 0:
+                query = yarl.URL.build(path=request.path, query={"last": names[n - 1], "n": n})
+                target = str(query)
+                if self.link_style == "absolute":
+                    target = str(request.url.with_path(request.path).with_query(query.query))
+                elif self.link_style == "foreign":
+                    target = "http://elsewhere.invalid" + target
+                headers["Link"] = f'<{target}>; rel="next"'
+            names = names[:n]
+        return web.json_response({"name": repo, "tags": names}, headers=headers)
 
     async def _referrers(self, request: web.Request) -> web.Response:
         if not self.referrers_api:

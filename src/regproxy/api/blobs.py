@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from aiohttp import web
 
@@ -12,6 +13,8 @@ from regproxy.errors import RangeInvalid
 from regproxy.meta.base import BlobRow
 
 log = logging.getLogger(__name__)
+
+_ZERO_SUFFIX_RE = re.compile(r"bytes=-0+")
 
 
 def _headers(blob: BlobRow) -> dict[str, str]:
@@ -37,7 +40,9 @@ def _range(request: web.Request, size: int) -> tuple[int, int] | None:
     start, stop, _ = wanted.indices(size)
     if wanted.start is None and wanted.stop is None:
         return None
-    if start >= size or stop <= start:
+    # aiohttp reads a zero-length suffix (bytes=-0) as start -0, that is the whole blob.
+    zero_suffix = _ZERO_SUFFIX_RE.fullmatch(request.headers["Range"].strip()) is not None
+    if zero_suffix or start >= size or stop <= start:
         raise RangeInvalid(
             f"range not satisfiable for a blob of {size} bytes",
             headers={"Content-Range": f"bytes */{size}"},

@@ -15,10 +15,14 @@ from regproxy import oci
 from regproxy.api.request import OCI_NAMESPACE
 from regproxy.errors import (
     BlobUploadInvalid,
+    BlobUploadUnknown,
+    DigestInvalid,
+    ManifestUnknown,
     NameInvalid,
     NotFound,
     RegistryError,
     SizeInvalid,
+    TagInvalid,
     Unsupported,
 )
 
@@ -42,13 +46,48 @@ _HTTP_ERRORS: dict[int, type[RegistryError]] = {
 }
 
 
+def _escaped(request: web.Request, raw_path: str) -> RegistryError:
+    """The error for a percent-escape in ``raw_path``: that of the component holding it.
+
+    Routing keeps escaped slashes escaped, so the raw path has the segments of the route:
+    ``/v2/`` + name + the route's fixed segments and its last parameter.
+    """
+    resource = request.match_info.route.resource
+    head, has_name, tail = (resource.canonical if resource else "").partition("{name}")
+    suffix = tail.split("/")[1:]  # e.g. ["blobs", "{digest}"]
+    segments = raw_path[len(head) :].split("/")
+    if has_name and len(segments) > len(suffix) and "%" not in "/".join(segments[: -len(suffix)]):
+        for raw, part in zip(segments[-len(suffix) :], suffix, strict=True):
+            if "%" in raw:
+                component = _component_error(request, part)
+                if component is not None:
+                    return component
+    return NameInvalid("percent-encoded characters are not allowed in repository names")
+
+
+def _component_error(request: web.Request, part: str) -> RegistryError | None:
+    message = "percent-encoded characters are not allowed in {}"
+    if part == "{digest}":
+        return DigestInvalid(message.format("digests"))
+    if part == "{upload_id}":
+        return BlobUploadUnknown(message.format("upload ids"))
+    if part == "{reference}":
+        if request.method in ("GET", "HEAD"):  # no manifest can have such a reference
+            return ManifestUnknown(message.format("manifest references"))
+        if oci.is_digest(request.match_info["reference"]):
+            return DigestInvalid(message.format("digests"))
+        return TagInvalid(message.format("tags"))
+    return None
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        if request.path.startswith("/v2/") and "%" in request.raw_path.split("?", 1)[0]:
+        raw_path = request.raw_path.split("?", 1)[0]
+        if request.path.startswith("/v2/") and "%" in raw_path:
             # Names, digests, tags and upload ids never need escaping; an escaped dot or
             # slash in a path is somebody probing for a way out.
-            raise NameInvalid("percent-encoded characters are not allowed in registry paths")
+            raise _escaped(request, raw_path)
         return await handler(request)
     except RegistryError as error:
         return error_response(error)

@@ -73,11 +73,13 @@ async def post_upload(request: web.Request) -> web.Response:
     query = request.query
     if "mount" in query and not request.get(MOUNT_SOURCE_DENIED, False):
         source = oci.parse_name(query["from"]) if "from" in query else None
-        # Without from, the blob may come from any repository: only if the caller may read all.
-        if source is not None or request[CALLER].may_pull_everything():
-            mounted = await reg.mount_blob(repo, Digest.parse(query["mount"]), source)
-            if mounted is not None:
-                return _created(repo, mounted)
+        # Without from, the blob may come from any repository the caller may pull.
+        caller = request[CALLER]
+        may_pull = None if caller.may_pull_everything() else caller.may_pull
+        digest = Digest.parse(query["mount"])
+        mounted = await reg.mount_blob(repo, digest, source, may_pull=may_pull)
+        if mounted is not None:
+            return _created(repo, mounted)
     if "digest" in query:
         digest = Digest.parse(query["digest"])
         return _created(repo, await reg.put_blob(repo, digest, body_chunks(request)))
@@ -104,8 +106,11 @@ async def patch_upload(request: web.Request) -> web.Response:
 async def put_upload(request: web.Request) -> web.Response:
     repo = repo_name(request)
     digest = _query_digest(request)
+    content_range = _content_range(request)
     body = body_chunks(request) if has_body(request) else None
-    blob = await registry(request).finish_upload(repo, _upload_id(request), body, digest)
+    blob = await registry(request).finish_upload(
+        repo, _upload_id(request), body, digest, content_range
+    )
     return _created(repo, blob)
 
 

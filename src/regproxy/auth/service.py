@@ -89,6 +89,9 @@ class Caller:
     def may(self, repo: str, action: str) -> bool:
         return self.policy.allows(self.user, repo, action)
 
+    def may_pull(self, repo: str) -> bool:
+        return self.may(repo, PULL)
+
     def may_pull_everything(self) -> bool:
         """Open mode: what a mount without ``from`` (a blob from anywhere) needs."""
         return self.policy.open_access

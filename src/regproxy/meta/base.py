@@ -56,6 +56,10 @@ class MetadataStore(Protocol):
 
     async def link_blob(self, repo: str, digest: Digest) -> None: ...
 
+    async def blob_repositories(self, digest: Digest) -> list[str]:
+        """Every repository linking the blob, by name (one indexed query, by digest)."""
+        ...
+
     async def unlink_blob(self, repo: str, digest: Digest) -> bool: ...
 
     async def delete_blob_if_unused(self, digest: Digest) -> BlobRow | None:

@@ -150,6 +150,12 @@ class SqliteMetadataStore:
                 (repo, str(digest)),
             )
 
+    async def blob_repositories(self, digest: Digest) -> list[str]:
+        rows = await self._all(
+            "SELECT repo FROM repository_blobs WHERE digest = ? ORDER BY repo", (str(digest),)
+        )
+        return [row[0] for row in rows]
+
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
         async with self._transaction() as db:
             cursor = await db.execute(

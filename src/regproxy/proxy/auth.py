@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from regproxy import safejson
+
 _PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 # Refresh tokens this many seconds before they expire, so none expires in flight.
 _EXPIRY_MARGIN = 10.0
@@ -103,9 +105,11 @@ class UpstreamAuth:
             ) as response:
                 if response.status != 200:
                     raise TokenError(f"token service answered {response.status}", response.status)
-                body = await response.json(content_type=None)
+                body = await response.json(content_type=None, loads=safejson.loads)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise TokenError(f"token service failed: {exc}") from exc
+        if not isinstance(body, dict):
+            raise TokenError("token service sent no JSON object")
         token = body.get("token") or body.get("access_token")
         if not isinstance(token, str) or not token:
             raise TokenError("token service sent no token")

@@ -38,10 +38,10 @@ from regproxy.meta.base import BlobRow, ManifestRow, UploadRow
 from regproxy.oci import Digest
 from regproxy.proxy.auth import TokenError
 from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone
-from regproxy.proxy.upstream import Upstream, UpstreamStatus
+from regproxy.proxy.upstream import Upstream, UpstreamInvalid, UpstreamStatus
 from regproxy.registry.base import ContentRange
 from regproxy.registry.hosted import HostedRegistry
-from regproxy.registry.manifest import parse_manifest
+from regproxy.registry.manifest import lookup_reference, parse_manifest
 from regproxy.streams import rechunk
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ def upstream_error(exc: BaseException, what: str) -> RegistryError:
     """The spec's error for an upstream failure when nothing cached can stand in."""
     if isinstance(exc, RegistryError):
         return exc
+    if isinstance(exc, UpstreamInvalid):
+        return Unavailable(f"the upstream sent an unusable answer for {what}: {exc}")
     if isinstance(exc, UpstreamStatus):
         if exc.status == 404:
             return ManifestUnknown(f"{what} is not known upstream")
@@ -225,15 +227,15 @@ class PullThroughRegistry:
 
     async def get_manifest(self, repo: str, reference: str) -> ManifestRow:
         upstream, remote = self.split(repo)
-        if oci.is_digest(reference):
-            digest = Digest.parse(reference)
-            cached = await self.meta.get_manifest(repo, digest)
+        wanted = lookup_reference(reference)
+        if isinstance(wanted, Digest):
+            cached = await self.meta.get_manifest(repo, wanted)
             if cached is not None:
                 return cached
             return await self._flight(
                 repo, reference, lambda: self._fetch_manifest(upstream, remote, repo, reference)
             )
-        tag = oci.parse_tag(reference)
+        tag = wanted
         cached = await self.meta.get_tagged_manifest(repo, tag)
         if cached is None:
             return await self._flight(
@@ -327,7 +329,8 @@ class PullThroughRegistry:
             return await self.hosted.list_tags(repo, last, limit)
         if tags is None:
             raise NameUnknown(detail={"name": repo})
-        return sorted(tags)[:limit]
+        # Some upstreams (distribution 2.8) ignore n and last and send every tag unsorted.
+        return sorted(tag for tag in tags if tag > last)[:limit]
 
     async def referrers(
         self, repo: str, subject: Digest, artifact_type: str | None
@@ -355,7 +358,14 @@ class PullThroughRegistry:
     async def delete_blob(self, repo: str, digest: Digest) -> None:
         self._read_only(repo)
 
-    async def mount_blob(self, repo: str, digest: Digest, source: str | None) -> BlobRow | None:
+    async def mount_blob(
+        self,
+        repo: str,
+        digest: Digest,
+        source: str | None,
+        *,
+        may_pull: Callable[[str], bool] | None = None,
+    ) -> BlobRow | None:
         self._read_only(repo)
 
     async def start_upload(self, repo: str, algorithm: str = "sha256") -> UploadRow:
@@ -374,7 +384,12 @@ class PullThroughRegistry:
         self._read_only(repo)
 
     async def finish_upload(
-        self, repo: str, upload_id: str, body: AsyncIterator[bytes] | None, digest: Digest
+        self,
+        repo: str,
+        upload_id: str,
+        body: AsyncIterator[bytes] | None,
+        digest: Digest,
+        content_range: ContentRange | None = None,
     ) -> BlobRow:
         self._read_only(repo)
 

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import yarl
 
-from regproxy import oci
+from regproxy import oci, safejson
 from regproxy.config import UpstreamConfig
 from regproxy.oci import Digest
 from regproxy.proxy.auth import UpstreamAuth
@@ -25,6 +25,12 @@ MANIFEST_ACCEPT = ", ".join(
 )
 
 
+# Tag lists and referrers indexes larger than this are refused, not read into memory.
+DOCUMENT_MAX_BYTES = 16 << 20
+# Pages of an upstream's tag list followed for one client page, at most.
+TAG_PAGES_MAX = 1000
+
+
 class UpstreamStatus(Exception):
     """The upstream answered with a status we cannot use."""
 
@@ -32,6 +38,15 @@ class UpstreamStatus(Exception):
         super().__init__(f"upstream answered {status}")
         self.status = status
         self.retry_after = retry_after
+
+
+class UpstreamInvalid(UpstreamStatus):
+    """The upstream answered 200 with a document we cannot use: malformed JSON, nested too
+    deep, too large, or not the object the API promises. Handled like a 502."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502)
+        self.args = (message,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +119,8 @@ class Upstream:
             _check(r)
             if r.status == 404:
                 return None
-            if r.content_length is not None and r.content_length > limit:
-                raise UpstreamStatus(413)
-            content = await r.content.read(limit + 1)
-            if len(content) > limit:
+            content = await _read_capped(r, limit)
+            if content is None:
                 raise UpstreamStatus(413)
             return UpstreamManifest(r.content_type, content, _digest_header(r))
 
@@ -132,16 +145,44 @@ class Upstream:
             yield r
 
     async def list_tags(self, repo: str, last: str, limit: int) -> list[str] | None:
+        """Up to ``limit`` tags after ``last`` (None: no such repository).
+
+        An upstream may cap ``n`` below ``limit`` (Docker Hub sends at most 100): then its
+        ``Link: <...>; rel="next"`` is followed, on the upstream's own origin only, until
+        ``limit`` tags are in or it has no more.
+        """
+        path = f"/v2/{repo}/tags/list"
         params = {"n": str(limit)}
         if last:
             params["last"] = last
-        async with self.request("GET", f"/v2/{repo}/tags/list", repo, params=params) as r:
-            _check(r)
-            if r.status == 404:
-                return None
-            body = await r.json(content_type=None)
-        tags = body.get("tags") if isinstance(body, dict) else None
-        return [t for t in tags or [] if isinstance(t, str)]
+        found: dict[str, None] = {}
+        for _ in range(TAG_PAGES_MAX):
+            async with self.request("GET", path, repo, params=params) as r:
+                _check(r)
+                if r.status == 404:
+                    return list(found) if found else None
+                body = await _document(r)
+                following = self._next_page(r)
+            tags = body.get("tags")
+            page = [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+            before = len(found)
+            found.update(dict.fromkeys(page))
+            if len(found) >= limit or following is None or len(found) == before:
+                break
+            path, params = following
+            params["n"] = str(limit - len(found))
+        return list(found)
+
+    def _next_page(self, response: aiohttp.ClientResponse) -> tuple[str, dict[str, str]] | None:
+        """The path and query of the ``rel="next"`` page, if on this upstream's origin."""
+        link = response.links.get("next")
+        url = link.get("url") if link is not None else None
+        if not isinstance(url, yarl.URL) or url.origin() != self.base.origin():
+            return None
+        prefix = self.base.path.rstrip("/")
+        if not url.path.startswith(prefix + "/v2/"):
+            return None
+        return url.path[len(prefix) :], dict(url.query)
 
     async def referrers(
         self, repo: str, subject: Digest, artifact_type: str | None
@@ -152,12 +193,39 @@ class Upstream:
             _check(r)
             if r.status != 200:
                 return None
-            body = await r.json(content_type=None)
-        manifests = body.get("manifests") if isinstance(body, dict) else None
-        found = [m for m in manifests or [] if isinstance(m, dict)]
+            body = await _document(r)
+        manifests = body.get("manifests")
+        found = [m for m in manifests if isinstance(m, dict)] if isinstance(manifests, list) else []
         if artifact_type:  # the upstream may not filter; we always do
             found = [m for m in found if m.get("artifactType") == artifact_type]
         return found
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None if it is longer than ``limit`` (not read any further)."""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+async def _document(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The JSON object an API answer holds; UpstreamInvalid if it holds anything else."""
+    where = response.url.path
+    content = await _read_capped(response, DOCUMENT_MAX_BYTES)
+    if content is None:
+        raise UpstreamInvalid(f"{where}: the answer is larger than {DOCUMENT_MAX_BYTES} bytes")
+    try:
+        body = safejson.loads(content)
+    except ValueError as exc:  # malformed, undecodable, or nested too deep
+        raise UpstreamInvalid(f"{where}: {exc}") from exc
+    if not isinstance(body, dict):
+        raise UpstreamInvalid(f"{where}: the answer is not a JSON object")
+    return body
 
 
 def _check(response: aiohttp.ClientResponse) -> None:

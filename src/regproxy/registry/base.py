@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,7 +45,17 @@ class Registry(Protocol):
 
     async def delete_blob(self, repo: str, digest: Digest) -> None: ...
 
-    async def mount_blob(self, repo: str, digest: Digest, source: str | None) -> BlobRow | None: ...
+    async def mount_blob(
+        self,
+        repo: str,
+        digest: Digest,
+        source: str | None,
+        *,
+        may_pull: Callable[[str], bool] | None = None,
+    ) -> BlobRow | None:
+        """Link a stored blob into ``repo`` (None if there is none to link): from ``source``;
+        without one, from any repository ``may_pull`` accepts (from anywhere if None)."""
+        ...
 
     # uploads
     async def start_upload(self, repo: str, algorithm: str) -> UploadRow: ...
@@ -61,8 +71,15 @@ class Registry(Protocol):
     ) -> UploadRow: ...
 
     async def finish_upload(
-        self, repo: str, upload_id: str, body: AsyncIterator[bytes] | None, digest: Digest
-    ) -> BlobRow: ...
+        self,
+        repo: str,
+        upload_id: str,
+        body: AsyncIterator[bytes] | None,
+        digest: Digest,
+        content_range: ContentRange | None = None,
+    ) -> BlobRow:
+        """Finish with the last chunk, if any; a ``content_range`` must start at the offset."""
+        ...
 
     async def put_blob(self, repo: str, digest: Digest, body: AsyncIterator[bytes]) -> BlobRow: ...
 

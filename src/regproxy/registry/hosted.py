@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from regproxy.errors import (
 from regproxy.meta.base import BlobRow, ManifestRow, MetadataStore, UploadRow
 from regproxy.oci import Digest
 from regproxy.registry.base import ContentRange
-from regproxy.registry.manifest import annotations_of, parse_manifest
+from regproxy.registry.manifest import annotations_of, lookup_reference, parse_manifest
 from regproxy.storage.base import BlobStore, BlobWriter
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,25 @@ class HostedRegistry:
             if gone is not None:
                 await self.storage.delete(gone.storage_key)
 
-    async def mount_blob(self, repo: str, digest: Digest, source: str | None) -> BlobRow | None:
-        """Link an existing blob into ``repo``: from ``source``, or from anywhere it is stored."""
+    async def mount_blob(
+        self,
+        repo: str,
+        digest: Digest,
+        source: str | None,
+        *,
+        may_pull: Callable[[str], bool] | None = None,
+    ) -> BlobRow | None:
+        """Link an existing blob into ``repo``: from ``source``; without one, from any
+        repository ``may_pull`` accepts, or from anywhere it is stored if that is None.
+
+        A blob only in repositories the caller may not pull is as absent as one stored
+        nowhere: the same None, so nothing about it leaks.
+        """
         if source is not None:
             blob = await self.meta.get_repo_blob(source, digest)
+        elif may_pull is not None:
+            readable = any(may_pull(name) for name in await self.meta.blob_repositories(digest))
+            blob = await self.meta.get_blob(digest) if readable else None
         else:
             blob = await self.meta.get_blob(digest)
         if blob is None:
@@ -129,29 +144,31 @@ class HostedRegistry:
     ) -> UploadRow:
         async with self._upload_lock(upload_id):
             upload = await self.get_upload(repo, upload_id)
-            if content_range is not None and content_range.start != upload.offset:
-                raise RangeInvalid(
-                    f"chunk starts at {content_range.start}, the upload holds {upload.offset}"
-                    " bytes",
-                    headers={"Range": range_header(upload.offset), oci.UPLOAD_UUID: upload_id},
-                )
-            expected = content_range.length if content_range is not None else None
+            expected = _expected_length(upload, content_range)
             writer, hasher = await self._resume(upload)
             size, state = await self._receive(upload, writer, hasher, body, expected)
             return await self._record(upload, size, state, hasher)
 
     async def finish_upload(
-        self, repo: str, upload_id: str, body: AsyncIterator[bytes] | None, digest: Digest
+        self,
+        repo: str,
+        upload_id: str,
+        body: AsyncIterator[bytes] | None,
+        digest: Digest,
+        content_range: ContentRange | None = None,
     ) -> BlobRow:
         async with self._upload_lock(upload_id):
             upload = await self.get_upload(repo, upload_id)
+            expected = _expected_length(upload, content_range if body is not None else None)
             writer, hasher = await self._resume(upload)
             size = upload.offset
             if body is not None and digest.algorithm == upload.algorithm:
                 # The last bytes go straight into the commit: nothing to record in between.
-                size, _ = await self._receive(upload, writer, hasher, body, None, keep_open=True)
+                size, _ = await self._receive(
+                    upload, writer, hasher, body, expected, keep_open=True
+                )
             elif body is not None:
-                size, state = await self._receive(upload, writer, hasher, body, None)
+                size, state = await self._receive(upload, writer, hasher, body, expected)
                 upload = await self._record(upload, size, state, hasher)
                 writer, hasher = await self._resume(upload)
             if digest.algorithm != upload.algorithm:
@@ -285,10 +302,11 @@ class HostedRegistry:
     # -- manifests --------------------------------------------------------------------------
 
     async def get_manifest(self, repo: str, reference: str) -> ManifestRow:
-        if oci.is_digest(reference):
-            manifest = await self.meta.get_manifest(repo, Digest.parse(reference))
+        wanted = lookup_reference(reference)
+        if isinstance(wanted, Digest):
+            manifest = await self.meta.get_manifest(repo, wanted)
         else:
-            manifest = await self.meta.get_tagged_manifest(repo, oci.parse_tag(reference))
+            manifest = await self.meta.get_tagged_manifest(repo, wanted)
         if manifest is None:
             raise ManifestUnknown(detail={"reference": reference})
         return manifest
@@ -361,6 +379,18 @@ class HostedRegistry:
                 descriptor["annotations"] = annotations
             descriptors.append(descriptor)
         return descriptors
+
+
+def _expected_length(upload: UploadRow, content_range: ContentRange | None) -> int | None:
+    """The length of a chunk that must start where the upload ends (416 if it does not)."""
+    if content_range is None:
+        return None
+    if content_range.start != upload.offset:
+        raise RangeInvalid(
+            f"chunk starts at {content_range.start}, the upload holds {upload.offset} bytes",
+            headers={"Range": range_header(upload.offset), oci.UPLOAD_UUID: upload.id},
+        )
+    return content_range.length
 
 
 def _lock_for(locks: weakref.WeakValueDictionary[str, asyncio.Lock], key: str) -> asyncio.Lock:

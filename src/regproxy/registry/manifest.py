@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from regproxy import oci
-from regproxy.errors import DigestInvalid, ManifestInvalid
+from regproxy import oci, safejson
+from regproxy.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, TagInvalid
 from regproxy.meta.base import Reference
 from regproxy.oci import Digest
+from regproxy.safejson import JSONTooDeep
+
+
+def lookup_reference(reference: str) -> Digest | str:
+    """The digest or tag a manifest GET or HEAD names.
+
+    A reference that is neither names no manifest that could exist: it is unknown (404
+    MANIFEST_UNKNOWN, as distribution answers), not invalid. Pushes still refuse it as
+    TAG_INVALID or DIGEST_INVALID.
+    """
+    try:
+        return Digest.parse(reference) if oci.is_digest(reference) else oci.parse_tag(reference)
+    except (DigestInvalid, TagInvalid) as exc:
+        raise ManifestUnknown(
+            f"no manifest can have the reference {reference[:200]!r}",
+            detail={"reference": reference[:200]},
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +44,10 @@ def parse_manifest(content_type: str | None, content: bytes) -> ParsedManifest:
     when the request names none; when both are present they must agree.
     """
     try:
-        doc = json.loads(content)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = safejson.loads(content)
+    except JSONTooDeep as exc:
+        raise ManifestInvalid(f"manifest is {exc}") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise ManifestInvalid("manifest must be a JSON object")
@@ -72,7 +90,9 @@ def parse_manifest(content_type: str | None, content: bytes) -> ParsedManifest:
             raise ManifestInvalid("manifests must be an array")
         for i, raw in enumerate(children):
             child = _descriptor(raw, f"manifests[{i}]")
-            references.append(Reference(child.digest, is_manifest=True))
+            # Each entry is what its media type says: a child manifest, or a blob.
+            is_manifest = child.media_type in oci.KNOWN_MANIFEST_TYPES
+            references.append(Reference(child.digest, is_manifest=is_manifest))
 
     subject = None
     if "subject" in doc:
@@ -92,7 +112,8 @@ def parse_manifest(content_type: str | None, content: bytes) -> ParsedManifest:
 
 
 def annotations_of(content: bytes) -> dict[str, str] | None:
-    value = json.loads(content).get("annotations")
+    doc = safejson.loads(content)
+    value = doc.get("annotations") if isinstance(doc, dict) else None
     return value if isinstance(value, dict) else None
 
 

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +86,15 @@ class RegistryRouter:
     async def delete_blob(self, repo: str, digest: Digest) -> None:
         await self._for(repo).delete_blob(repo, digest)
 
-    async def mount_blob(self, repo: str, digest: Digest, source: str | None) -> BlobRow | None:
-        return await self._for(repo).mount_blob(repo, digest, source)
+    async def mount_blob(
+        self,
+        repo: str,
+        digest: Digest,
+        source: str | None,
+        *,
+        may_pull: Callable[[str], bool] | None = None,
+    ) -> BlobRow | None:
+        return await self._for(repo).mount_blob(repo, digest, source, may_pull=may_pull)
 
     async def start_upload(self, repo: str, algorithm: str) -> UploadRow:
         return await self._for(repo).start_upload(repo, algorithm)
@@ -105,9 +112,14 @@ class RegistryRouter:
         return await self._for(repo).append_upload(repo, upload_id, body, content_range)
 
     async def finish_upload(
-        self, repo: str, upload_id: str, body: AsyncIterator[bytes] | None, digest: Digest
+        self,
+        repo: str,
+        upload_id: str,
+        body: AsyncIterator[bytes] | None,
+        digest: Digest,
+        content_range: ContentRange | None = None,
     ) -> BlobRow:
-        return await self._for(repo).finish_upload(repo, upload_id, body, digest)
+        return await self._for(repo).finish_upload(repo, upload_id, body, digest, content_range)
 
     async def put_blob(self, repo: str, digest: Digest, body: AsyncIterator[bytes]) -> BlobRow:
         return await self._for(repo).put_blob(repo, digest, body)
