@@ -44,12 +44,14 @@ _FIRST_BACKOFF = 0.002
 _MANIFEST_COLUMNS = "m.digest, m.media_type, m.content, m.subject, m.artifact_type"
 _UPLOAD_COLUMNS = 'id, repo, algorithm, "offset", state, started, updated'
 # What a lost or unreachable database looks like: connection refused or reset, a timeout,
-# a server shutting down or starting up, too many connections, a connection asyncpg closed.
+# a server shutting down or starting up, too many connections, a connection asyncpg closed
+# or left in a broken state (the server ended the session while it was idle).
 _OUTAGE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
@@ -184,7 +186,11 @@ class PostgresMetadataStore:
         """A pooled connection; a database outage becomes ``Unavailable``."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as db:
-                yield db
+                try:
+                    yield db
+                except _OUTAGE:
+                    db.terminate()  # never reused: the pool opens a new connection instead
+                    raise
         except _OUTAGE as exc:
             log.warning("metadata store unavailable: %s", describe_error(exc))
             raise Unavailable("the metadata store is unavailable") from exc
