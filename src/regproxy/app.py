@@ -80,6 +80,19 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
         await meta.close()
 
 
+async def prepare(config: Config) -> None:
+    """What the parent of several workers does once before starting them: create the data
+    directory, the metadata schema (SQLite's WAL switch and migrations, PostgreSQL's
+    migrations) and the token key, so the workers do not race for them, and check the blob
+    store; a problem is one ``ConfigError`` here, before any worker runs."""
+    config.data_path.mkdir(parents=True, exist_ok=True)
+    build_authenticator(config, pull_only=upstream_prefixes(config.upstreams))
+    meta = await _metadata_store(config)
+    await meta.close()
+    async with _blob_store(config):
+        pass
+
+
 def _client_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
     ssl_context = ssl.create_default_context(cafile=upstream.ca_bundle or None)
     return aiohttp.ClientSession(

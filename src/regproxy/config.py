@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -362,6 +363,8 @@ def _validate(config: Config) -> None:
     _validate_metadata(config.metadata)
     if not 1 <= config.workers <= MAX_WORKERS:
         raise ConfigError(f"config key workers: 1 to {MAX_WORKERS}, got {config.workers}")
+    if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError("config key workers: several workers need SO_REUSEPORT (Linux)")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key log_level: unknown level {config.log_level!r}")
     positive = {
