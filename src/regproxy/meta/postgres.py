@@ -57,6 +57,13 @@ _OUTAGE: tuple[type[BaseException], ...] = (
 )
 
 
+async def _keep_session(db: Connection) -> None:
+    """Pool reset hook: nothing to undo. regproxy changes no session state (no SET, LISTEN,
+    cursor or session-level advisory lock), and asyncpg still rolls back a transaction left
+    open, so a released connection skips the default reset query: one round trip less per
+    request."""
+
+
 def _migrations() -> list[tuple[int, str]]:
     folder = resources.files("regproxy.meta") / "migrations" / "postgres"
     found = []
@@ -143,6 +150,7 @@ class PostgresMetadataStore:
                 timeout=connect_timeout,
                 command_timeout=command_timeout,
                 statement_cache_size=100 if prepared_statements else 0,
+                reset=_keep_session,
             )
         except (*_OUTAGE, asyncpg.PostgresError, ValueError) as exc:
             raise Unavailable(describe_error(exc)) from exc
