@@ -104,7 +104,7 @@ async def test_two_workers_share_the_port(tmp_path: Path) -> None:
         assert 'share metadata.backend = "sqlite" and storage.backend = "filesystem"' in log
         rc = await server.stop()
         assert rc == 0, server.log_tail()
-    assert not any(psutil.pid_exists(pid) for pid in workers)
+    assert all(gone(pid) for pid in workers)
 
 
 async def test_workers_on_postgres_and_s3(
@@ -169,7 +169,7 @@ async def test_sigterm_drains_an_upload_in_flight(tmp_path: Path) -> None:
             assert await asyncio.wait_for(in_flight, 30) == (201, digest)
             rc = await asyncio.wait_for(process.proc.wait(), 30)
         assert rc == 0, process.log_tail()
-        assert not any(psutil.pid_exists(pid) for pid in workers)
+        assert all(gone(pid) for pid in workers)
         assert "stopping: draining 2 worker(s)" in process.log_tail(100)
     finally:
         await process.stop()
@@ -242,3 +242,23 @@ async def test_bad_workers_value(tmp_path: Path) -> None:
     argv = [*regproxy_argv(free_port(), tmp_path / "data"), "--workers", "0"]
     rc, _, err = await run(argv, env=regproxy_env(), timeout=60)
     assert rc == 2 and "config key workers: 1 to 64, got 0" in err, err
+
+
+async def test_workers_go_when_the_parent_is_killed(tmp_path: Path) -> None:
+    """SIGKILL to the parent leaves no orphans: each worker gets SIGTERM and drains."""
+    async with regproxy(tmp_path / "serve", env=WORKERS) as server:
+        workers = await wait_workers(server.pid, server.port, server.alive)
+        await server.kill()
+        async with asyncio.timeout(30):
+            while True:
+                if all(gone(pid) for pid in workers):
+                    break
+                await asyncio.sleep(0.1)
+
+
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody reaped yet (orphans go to pid 1)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
