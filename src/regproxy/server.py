@@ -101,6 +101,9 @@ def die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        raise SystemExit(1)  # it died before the line above
 
 
 @dataclass
@@ -275,7 +278,8 @@ class Supervisor:
                 log.error("worker %d (pid %d) did not stop; killing it", worker.slot, worker.pid)
                 worker.process.kill()
                 worker.process.join()
-            if worker.process.exitcode != 0:
+            # A worker still starting has no handler yet: our SIGTERM ends it, cleanly.
+            if worker.process.exitcode not in (0, -signal.SIGTERM):
                 log.error(
                     "worker %d (pid %d) stopped with %s",
                     worker.slot,
