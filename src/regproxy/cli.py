@@ -100,21 +100,6 @@ def _supervise(config: Config) -> int:
     except ConfigError as exc:
         print(f"regproxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    log = logging.getLogger("regproxy")
-    local = []
-    if config.metadata.backend == "sqlite":
-        local.append('metadata.backend = "sqlite"')
-    if config.storage.backend == "filesystem":
-        local.append('storage.backend = "filesystem"')
-    if local:
-        log.info(
-            "%d workers share %s on this machine; replicas on other machines need"
-            ' metadata.backend = "postgres" and storage.backend = "s3"',
-            config.workers,
-            " and ".join(local),
-        )
-    if config.upstreams:
-        log.info("each worker fetches a cold blob from an upstream on its own (not yet shared)")
     return supervise(config, serve_worker)
 
 

@@ -296,4 +296,22 @@ class Supervisor:
 
 def supervise(config: Config, target: WorkerTarget) -> int:
     """Run ``config.workers`` processes of ``target(config, slot, ready)``; the exit code."""
+    _explain_sharing(config)
     return Supervisor(config, target).run()
+
+
+def _explain_sharing(config: Config) -> None:
+    local = []
+    if config.metadata.backend == "sqlite":
+        local.append('metadata.backend = "sqlite"')
+    if config.storage.backend == "filesystem":
+        local.append('storage.backend = "filesystem"')
+    if local:
+        log.info(
+            "%d workers share %s on this machine; replicas on other machines need"
+            ' metadata.backend = "postgres" and storage.backend = "s3"',
+            config.workers,
+            " and ".join(local),
+        )
+    if config.upstreams:
+        log.info("each worker fetches a cold blob from an upstream on its own (not yet shared)")
