@@ -298,3 +298,50 @@ def test_serve_with_bad_flag(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         "regproxy: configuration error: config key listen: expected HOST:PORT, got 'nowhere'"
     ]
+
+
+def test_metadata_and_workers(tmp_path: Path) -> None:
+    text = """
+workers = 3
+
+[metadata]
+backend = "postgres"
+dsn = "postgresql://regproxy@db/regproxy"
+pool_size = 4
+prepared_statements = false
+"""
+    config = load_config(_write(tmp_path, text), env={})
+    assert config.workers == 3
+    assert config.metadata.backend == "postgres"
+    assert config.metadata.dsn == "postgresql://regproxy@db/regproxy"
+    assert config.metadata.pool_size == 4
+    assert config.metadata.prepared_statements is False
+    env = {
+        "REGPROXY_METADATA_BACKEND": "postgres",
+        "REGPROXY_METADATA_DSN": "postgres://u:p@127.0.0.1:5433/r",
+        "REGPROXY_METADATA_PREPARED_STATEMENTS": "off",
+        "REGPROXY_WORKERS": "2",
+    }
+    config = load_config(None, env=env)
+    assert config.metadata.dsn == "postgres://u:p@127.0.0.1:5433/r"
+    assert config.metadata.prepared_statements is False
+    assert config.workers == 2
+    assert load_config(None, env={}).metadata.backend == "sqlite"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[metadata]\nbackend = "mysql"', "metadata.backend"),
+        ('[metadata]\nbackend = "postgres"', "metadata.dsn"),
+        ('[metadata]\nbackend = "postgres"\ndsn = "mysql://db/x"', "metadata.dsn"),
+        ("[metadata]\npool_size = 0", "metadata.pool_size"),
+        ("[metadata]\ncommand_timeout = -1", "metadata.command_timeout"),
+        ('[metadata]\npool_size = "ten"', "metadata.pool_size"),
+        ("workers = 0", "workers"),
+        ("workers = 1000", "workers"),
+    ],
+)
+def test_invalid_metadata_and_workers(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"config key {key}[:]"):
+        load_config(_write(tmp_path, text), env={})

@@ -7,6 +7,7 @@ import ssl
 from collections.abc import AsyncIterator
 
 import aiohttp
+import yarl
 from aiohttp import web
 
 from regproxy.api.keys import CONFIG, REGISTRY
@@ -15,7 +16,10 @@ from regproxy.api.routes import add_routes
 from regproxy.auth.middleware import auth_middleware
 from regproxy.auth.rules import upstream_prefixes
 from regproxy.auth.service import AUTH, build_authenticator
-from regproxy.config import Config, UpstreamConfig
+from regproxy.config import Config, ConfigError, UpstreamConfig
+from regproxy.errors import Unavailable
+from regproxy.meta.base import MetadataStore
+from regproxy.meta.postgres import PostgresMetadataStore
 from regproxy.meta.sqlite import SqliteMetadataStore
 from regproxy.proxy.pullthrough import PullThroughRegistry
 from regproxy.proxy.upstream import Upstream
@@ -40,16 +44,53 @@ async def _blob_store(config: Config) -> AsyncIterator[BlobStore]:
         await storage.close()
 
 
+async def _metadata_store(config: Config) -> MetadataStore:
+    if config.metadata.backend == "postgres":
+        settings = config.metadata
+        try:
+            return await PostgresMetadataStore.open(
+                settings.dsn,
+                pool_size=settings.pool_size,
+                prepared_statements=settings.prepared_statements,
+                connect_timeout=settings.connect_timeout,
+                command_timeout=settings.command_timeout,
+            )
+        except Unavailable as exc:
+            raise ConfigError(
+                f"config key metadata.dsn: cannot use the PostgreSQL database at"
+                f" {_without_password(settings.dsn)}: {exc.message}"
+            ) from exc
+    return await SqliteMetadataStore.open(config.data_path / "metadata.sqlite")
+
+
+def _without_password(dsn: str) -> str:
+    url = yarl.URL(dsn)
+    return str(url.with_password(None)) if url.password else dsn
+
+
 async def _stores(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     config.data_path.mkdir(parents=True, exist_ok=True)
-    meta = await SqliteMetadataStore.open(config.data_path / "metadata.sqlite")
+    meta = await _metadata_store(config)
     try:
         async with _blob_store(config) as storage:
             app[HOSTED] = HostedRegistry(meta, storage)
             yield
     finally:
         await meta.close()
+
+
+async def prepare(config: Config) -> None:
+    """What the parent of several workers does once before starting them: create the data
+    directory, the metadata schema (SQLite's WAL switch and migrations, PostgreSQL's
+    migrations) and the token key, so the workers do not race for them, and check the blob
+    store; a problem is one ``ConfigError`` here, before any worker runs."""
+    config.data_path.mkdir(parents=True, exist_ok=True)
+    build_authenticator(config, pull_only=upstream_prefixes(config.upstreams))
+    meta = await _metadata_store(config)
+    await meta.close()
+    async with _blob_store(config):
+        pass
 
 
 def _client_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:

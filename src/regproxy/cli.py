@@ -6,7 +6,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 
 from regproxy import __version__
 from regproxy.config import Config, ConfigError, load_config
@@ -26,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML configuration file (or REGPROXY_CONFIG)")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000)")
     serve.add_argument("--data-dir", help="where blobs and metadata live (default ./data)")
+    serve.add_argument(
+        "--workers", type=int, help="processes serving the one port (default 1, or workers)"
+    )
     user = commands.add_parser("user", help="add or remove a user of the htpasswd file")
     user.add_argument("action", choices=["add", "remove"])
     user.add_argument("name", help="user name: letters, digits, '.', '_', '-'")
@@ -40,27 +44,39 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(config: Config) -> None:
+    # With several workers, each line says which process wrote it.
+    process = " [%(process)d]" if config.workers > 1 else ""
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        format=f"%(asctime)s{process} %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
 
 
 def serve(config: Config) -> int:
+    _configure_logging(config)
+    logging.getLogger("regproxy").info(
+        "regproxy %s listening on %s, data in %s", __version__, config.listen, config.data_dir
+    )
+    if config.workers > 1:
+        return _supervise(config)
+    return _serve_one(config)
+
+
+def _serve_one(
+    config: Config, *, reuse_port: bool = False, ready: Callable[[], None] | None = None
+) -> int:
     import asyncio
 
     from regproxy.api.middleware import AccessLogger
     from regproxy.server import run
 
-    _configure_logging(config)
-    logging.getLogger("regproxy").info(
-        "regproxy %s listening on %s, data in %s", __version__, config.listen, config.data_dir
-    )
     try:
         asyncio.run(
             run(
                 config,
+                reuse_port=reuse_port,
+                ready=ready,
                 access_log_class=AccessLogger,
                 access_log=logging.getLogger("regproxy.access"),
                 read_bufsize=READ_BUFSIZE,
@@ -73,13 +89,45 @@ def serve(config: Config) -> int:
     return 0
 
 
+def _supervise(config: Config) -> int:
+    import asyncio
+
+    from regproxy.app import prepare
+    from regproxy.server import supervise
+
+    try:
+        asyncio.run(prepare(config))
+    except ConfigError as exc:
+        print(f"regproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return supervise(config, serve_worker)
+
+
+def serve_worker(config: Config, slot: int, ready: Connection) -> None:
+    """One of the processes of ``serve --workers N`` (the supervisor spawns it)."""
+    from regproxy.server import die_with_parent
+
+    die_with_parent()
+    _configure_logging(config)
+
+    def bound() -> None:
+        ready.send(slot)
+        ready.close()
+
+    sys.exit(_serve_one(config, reuse_port=True, ready=bound))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(
             args.config,
             env=os.environ,
-            overrides={"listen": getattr(args, "listen", None), "data_dir": args.data_dir},
+            overrides={
+                "listen": getattr(args, "listen", None),
+                "data_dir": args.data_dir,
+                "workers": getattr(args, "workers", None),
+            },
         )
     except ConfigError as exc:
         print(f"regproxy: configuration error: {exc}", file=sys.stderr)

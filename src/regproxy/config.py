@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -25,6 +26,8 @@ from regproxy.auth import rules  # the rule vocabulary; imports nothing from reg
 
 ENV_PREFIX = "REGPROXY_"
 ENV_CONFIG_FILE = "REGPROXY_CONFIG"
+# Most worker processes `serve --workers` starts.
+MAX_WORKERS = 64
 # An upstream's name is the first path component of the repositories it serves.
 _UPSTREAM_NAME_RE = re.compile(r"^[a-z0-9]+(?:[.-][a-z0-9]+)*(?::[0-9]+)?$")
 
@@ -153,6 +156,24 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class MetadataConfig:
+    """``[metadata]``: where the metadata lives: SQLite in data_dir, or a PostgreSQL database."""
+
+    # "sqlite" (<data_dir>/metadata.sqlite) or "postgres".
+    backend: str = "sqlite"
+    # PostgreSQL: libpq-style URL, e.g. postgresql://regproxy@db/regproxy; the password from
+    # the URL, PGPASSWORD or ~/.pgpass.
+    dsn: str = ""
+    # PostgreSQL connections kept at most per process.
+    pool_size: int = 10
+    # false behind PgBouncer in transaction mode: no statement is prepared by name.
+    prepared_statements: bool = True
+    # Seconds to connect to the database, and for one statement; then the request gets 503.
+    connect_timeout: float = 5.0
+    command_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:5000"
     data_dir: str = "./data"
@@ -166,6 +187,9 @@ class Config:
     # Serve pulls of names not hosted here from this upstream (Docker's registry-mirrors).
     default_upstream: str = ""
     auth: AuthConfig = field(default_factory=AuthConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    # Processes serving the one port (SO_REUSEPORT); `regproxy serve --workers N`.
+    workers: int = 1
 
     @property
     def host(self) -> str:
@@ -336,6 +360,11 @@ def _validate(config: Config) -> None:
         _validate_s3(config.storage.s3)
     _validate_upstreams(config)
     _validate_auth(config.auth)
+    _validate_metadata(config.metadata)
+    if not 1 <= config.workers <= MAX_WORKERS:
+        raise ConfigError(f"config key workers: 1 to {MAX_WORKERS}, got {config.workers}")
+    if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError("config key workers: several workers need SO_REUSEPORT (Linux)")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key log_level: unknown level {config.log_level!r}")
     positive = {
@@ -348,6 +377,32 @@ def _validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: must be greater than zero, got {value}")
+
+
+def _validate_metadata(metadata: MetadataConfig) -> None:
+    if metadata.backend not in ("sqlite", "postgres"):
+        raise ConfigError(
+            f"config key metadata.backend: unknown backend {metadata.backend!r}"
+            " (expected 'sqlite' or 'postgres')"
+        )
+    if metadata.backend == "postgres":
+        if not metadata.dsn:
+            raise ConfigError(
+                "config key metadata.dsn: required when metadata.backend is 'postgres'"
+            )
+        if yarl.URL(metadata.dsn).scheme not in ("postgresql", "postgres"):
+            raise ConfigError(
+                "config key metadata.dsn: expected a postgresql:// URL,"
+                " e.g. postgresql://regproxy@db/regproxy"
+            )
+    positive = {
+        "pool_size": metadata.pool_size,
+        "connect_timeout": metadata.connect_timeout,
+        "command_timeout": metadata.command_timeout,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key metadata.{name}: must be greater than zero, got {value}")
 
 
 def _validate_upstreams(config: Config) -> None:

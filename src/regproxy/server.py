@@ -5,13 +5,25 @@ handlers, so a request whose body is still arriving (a blob upload) could never 
 would be cut off after ``shutdown_timeout``. Here the listener closes first, the requests in
 flight get up to ``shutdown_timeout`` seconds to finish, bodies included, and only then does
 aiohttp close the connections (still letting responses being sent finish).
+
+``serve --workers N`` runs N such processes on one port (SO_REUSEPORT), each with its own app,
+connections and background tasks, under a supervising parent (:func:`supervise`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
+import multiprocessing
+import os
 import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +31,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from regproxy.api.middleware import IN_FLIGHT
 from regproxy.app import create_app
-from regproxy.config import Config
+from regproxy.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 # aiohttp's connection-level logger: where it reports requests it could not even parse.
@@ -49,16 +61,33 @@ def _one_line(exc: HttpProcessingError) -> str:
     return f"{exc.code} {text[:200]}"
 
 
-async def run(config: Config, **handler_options: Any) -> None:
-    """Serve ``config.listen`` until a signal; ``handler_options`` go to aiohttp's runner."""
+async def run(
+    config: Config,
+    *,
+    reuse_port: bool = False,
+    ready: Callable[[], None] | None = None,
+    **handler_options: Any,
+) -> None:
+    """Serve ``config.listen`` until a signal; ``handler_options`` go to aiohttp's runner.
+
+    ``reuse_port``: bind with SO_REUSEPORT, beside the other workers; ``ready`` is called
+    once the port is bound.
+    """
     app = create_app(config)
     runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout, **handler_options)
     malformed = MalformedRequestFilter()
     logging.getLogger(SERVER_LOGGER).addFilter(malformed)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
+        site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port)
+        try:
+            await site.start()
+        except OSError as exc:  # e.g. the port is taken
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            message = f"config key listen: cannot listen on {config.listen}: {reason}"
+            raise ConfigError(message) from exc
+        if ready is not None:
+            ready()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -81,3 +110,237 @@ async def run(config: Config, **handler_options: Any) -> None:
     finally:
         await runner.cleanup()
         logging.getLogger(SERVER_LOGGER).removeFilter(malformed)
+
+
+# -- several worker processes ----------------------------------------------------------------
+
+# A worker that dies is replaced after this many seconds, doubling while replacements keep
+# dying within STABLE seconds of their start, up to MAX_RESTART_DELAY.
+RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+STABLE = 10.0
+# After SIGTERM, workers get shutdown_timeout plus this long to drain before SIGKILL.
+DRAIN_GRACE = 10.0
+
+WorkerTarget = Callable[[Config, int, Connection], None]
+
+
+def die_with_parent() -> None:
+    """In a worker: get SIGTERM when the supervisor dies, however it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        raise SystemExit(1)  # it died before the line above
+
+
+@dataclass
+class _Worker:
+    slot: int
+    process: BaseProcess
+    ready: Connection | None
+    started: float
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid or 0
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Starts ``config.workers`` workers and keeps them running until SIGTERM or SIGINT.
+
+    Start-up succeeds when every worker has bound the port; if one fails first (a bad
+    configuration, storage that cannot be reached), the others are stopped and its exit code
+    is returned (2 for a configuration error). Afterwards a worker that dies is logged and
+    replaced. SIGTERM or SIGINT is passed on to every worker, which drains as a single
+    process does; the supervisor returns 0 once all have exited cleanly.
+    """
+
+    def __init__(self, config: Config, target: WorkerTarget) -> None:
+        self._config = config
+        self._target = target
+        # spawn: a fresh interpreter per worker, no event loop or sockets copied by fork.
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: dict[int, _Worker] = {}
+        self._restart_at: dict[int, float] = {}
+        self._delay: dict[int, float] = {}
+        self._stopping = False
+
+    def run(self) -> int:
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        previous_fd = signal.set_wakeup_fd(wake_write)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for slot in range(self._config.workers):
+                self._workers[slot] = self._spawn(slot)
+            failed = self._start_up(wake_read)
+            if failed is not None:
+                self._stop_all()
+                return failed
+            if not self._stopping:
+                pids = ", ".join(str(w.pid) for w in self._workers.values())
+                log.info(
+                    "%d workers serving %s: pids %s", len(self._workers), self._config.listen, pids
+                )
+                self._supervise(wake_read)
+            return self._stop_all()
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            os.close(wake_read)
+            os.close(wake_write)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
+    def _spawn(self, slot: int) -> _Worker:
+        receive, send = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=self._target, args=(self._config, slot, send), name=f"regproxy-worker-{slot}"
+        )
+        process.start()
+        send.close()  # the worker holds the other end; EOF here means it is gone
+        return _Worker(slot, process, receive, time.monotonic())
+
+    def _start_up(self, wake: int) -> int | None:
+        """Wait until every worker is ready: None, or the exit code to stop with."""
+        while not self._stopping:
+            waiting = [w for w in self._workers.values() if w.ready is not None]
+            if not waiting:
+                return None
+            objects: list[Any] = [wake, *(w.ready for w in waiting)]
+            objects += [w.process.sentinel for w in waiting]
+            found = wait(objects)
+            self._drain(wake, found)
+            for worker in waiting:
+                if worker.ready not in found and worker.process.sentinel not in found:
+                    continue
+                if self._mark_ready(worker):
+                    continue
+                worker.process.join()  # it closed its end without a word: it is exiting
+                code = worker.process.exitcode
+                log.error(
+                    "worker %d (pid %d) failed to start: %s",
+                    worker.slot,
+                    worker.pid,
+                    _describe_exit(code),
+                )
+                return code if code and code > 0 else 1
+        return None
+
+    def _mark_ready(self, worker: _Worker) -> bool:
+        assert worker.ready is not None
+        try:
+            worker.ready.recv()
+        except (EOFError, OSError):
+            return False  # it died before it was ready
+        worker.ready.close()
+        worker.ready = None
+        return True
+
+    def _supervise(self, wake: int) -> None:
+        while not self._stopping:
+            now = time.monotonic()
+            for slot, when in list(self._restart_at.items()):
+                if when <= now:
+                    del self._restart_at[slot]
+                    self._workers[slot] = self._spawn(slot)
+                    log.info("worker %d restarted as pid %d", slot, self._workers[slot].pid)
+            timeout = min((t - now for t in self._restart_at.values()), default=None)
+            objects: list[Any] = [wake, *(w.process.sentinel for w in self._workers.values())]
+            objects += [w.ready for w in self._workers.values() if w.ready is not None]
+            found = wait(objects, None if timeout is None else max(timeout, 0.0))
+            self._drain(wake, found)
+            for slot, worker in list(self._workers.items()):
+                if worker.ready is not None and worker.ready in found:
+                    self._mark_ready(worker)
+                if worker.process.sentinel in found and not self._stopping:
+                    self._replace(slot, worker)
+
+    def _replace(self, slot: int, worker: _Worker) -> None:
+        worker.process.join()
+        if worker.ready is not None:
+            worker.ready.close()
+        del self._workers[slot]
+        ran = time.monotonic() - worker.started
+        delay = self._delay.get(slot, RESTART_DELAY)
+        delay = min(delay * 2, MAX_RESTART_DELAY) if ran < STABLE else RESTART_DELAY
+        self._delay[slot] = delay
+        self._restart_at[slot] = time.monotonic() + delay
+        log.error(
+            "worker %d (pid %d) exited unexpectedly (%s); starting a new one in %.1fs",
+            slot,
+            worker.pid,
+            _describe_exit(worker.process.exitcode),
+            delay,
+        )
+
+    @staticmethod
+    def _drain(wake: int, found: list[Any]) -> None:
+        if wake in found:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake, 512)
+
+    def _stop_all(self) -> int:
+        """SIGTERM every worker and wait for them to drain; 0 if all exited cleanly."""
+        workers = [w for w in self._workers.values() if w.process.is_alive()]
+        if workers:
+            log.info("stopping: draining %d worker(s)", len(workers))
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self._config.shutdown_timeout + DRAIN_GRACE
+        code = 0
+        for worker in workers:
+            worker.process.join(max(deadline - time.monotonic(), 0.0))
+            if worker.process.is_alive():
+                log.error("worker %d (pid %d) did not stop; killing it", worker.slot, worker.pid)
+                worker.process.kill()
+                worker.process.join()
+            # A worker still starting has no handler yet: our SIGTERM ends it, cleanly.
+            if worker.process.exitcode not in (0, -signal.SIGTERM):
+                log.error(
+                    "worker %d (pid %d) stopped with %s",
+                    worker.slot,
+                    worker.pid,
+                    _describe_exit(worker.process.exitcode),
+                )
+                code = 1
+        for worker in self._workers.values():
+            worker.process.join()
+            if worker.ready is not None:
+                worker.ready.close()
+        return code
+
+
+def supervise(config: Config, target: WorkerTarget) -> int:
+    """Run ``config.workers`` processes of ``target(config, slot, ready)``; the exit code."""
+    _explain_sharing(config)
+    return Supervisor(config, target).run()
+
+
+def _explain_sharing(config: Config) -> None:
+    local = []
+    if config.metadata.backend == "sqlite":
+        local.append('metadata.backend = "sqlite"')
+    if config.storage.backend == "filesystem":
+        local.append('storage.backend = "filesystem"')
+    if local:
+        log.info(
+            "%d workers share %s on this machine; replicas on other machines need"
+            ' metadata.backend = "postgres" and storage.backend = "s3"',
+            config.workers,
+            " and ".join(local),
+        )
+    if config.upstreams:
+        log.info("each worker fetches a cold blob from an upstream on its own (not yet shared)")

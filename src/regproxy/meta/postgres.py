@@ -1,0 +1,501 @@
+"""The metadata store on PostgreSQL through an asyncpg connection pool.
+
+Same tables, rules and guarantees as ``sqlite.py``, method for method. SQLite runs one writer
+at a time, so its transactions are serializable; here every write transaction runs at
+``SERIALIZABLE`` and is retried when PostgreSQL aborts it for a conflict, so SQL written for
+SQLite's semantics (check, then write, in one transaction) keeps them. Reads are single
+statements outside a transaction: each sees one committed snapshot.
+
+Several processes and replicas share the database. Migrations (``migrations/postgres/``) are
+applied once, under an advisory lock. A database that cannot be reached, or goes away, makes
+every call raise ``Unavailable`` (503) within the configured timeouts; the pool reconnects by
+itself when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any, TypeVar
+
+import asyncpg
+
+from regproxy.errors import Unavailable
+from regproxy.meta.base import BlobRow, ManifestRow, Reference, UploadRow
+from regproxy.oci import Digest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# asyncpg ships no type information: a pooled connection.
+Connection = Any
+
+# pg_advisory_xact_lock key that serializes migrations ("regproxy" in ASCII).
+_MIGRATION_LOCK = 0x72656770726F7879
+# A write transaction aborted by a serialization conflict or deadlock is run again, this
+# often at most, after a short random pause that doubles each time.
+_WRITE_ATTEMPTS = 12
+_FIRST_BACKOFF = 0.002
+_MANIFEST_COLUMNS = "m.digest, m.media_type, m.content, m.subject, m.artifact_type"
+_UPLOAD_COLUMNS = 'id, repo, algorithm, "offset", state, started, updated'
+# What a lost or unreachable database looks like: connection refused or reset, a timeout,
+# a server shutting down or starting up, too many connections, a connection asyncpg closed
+# or left in a broken state (the server ended the session while it was idle).
+_OUTAGE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+async def _keep_session(db: Connection) -> None:
+    """Pool reset hook: nothing to undo. regproxy changes no session state (no SET, LISTEN,
+    cursor or session-level advisory lock), and asyncpg still rolls back a transaction left
+    open, so a released connection skips the default reset query: one round trip less per
+    request."""
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("regproxy.meta") / "migrations" / "postgres"
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
+    return sorted(found)
+
+
+def _manifest(row: Any) -> ManifestRow:
+    digest, media_type, content, subject, artifact_type = row
+    return ManifestRow(
+        digest=Digest.parse(digest),
+        media_type=media_type,
+        content=bytes(content),
+        subject=Digest.parse(subject) if subject else None,
+        artifact_type=artifact_type,
+    )
+
+
+def _blob(row: Any) -> BlobRow:
+    return BlobRow(Digest.parse(row[0]), row[1], row[2])
+
+
+def _upload(row: Any) -> UploadRow:
+    return UploadRow(*row)
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as ``DELETE 1`` or ``INSERT 0 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line saying why the database could not be used."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if isinstance(exc, asyncpg.PostgresError) else text
+
+
+async def _missing_references(db: Connection, repo: str, refs: list[Reference]) -> list[Reference]:
+    """The references the repository lacks, in one query (also usable inside a transaction)."""
+    if not refs:
+        return []
+    rows = await db.fetch(
+        "SELECT w.digest, w.is_manifest"
+        " FROM unnest($1::text[], $2::boolean[]) AS w(digest, is_manifest) WHERE NOT ("
+        " (w.is_manifest AND EXISTS (SELECT 1 FROM manifests m"
+        "   WHERE m.repo = $3 AND m.digest = w.digest))"
+        " OR (NOT w.is_manifest AND EXISTS (SELECT 1 FROM repository_blobs b"
+        "   WHERE b.repo = $3 AND b.digest = w.digest)))",
+        [str(ref.digest) for ref in refs],
+        [ref.is_manifest for ref in refs],
+        repo,
+    )
+    absent = {(row[0], row[1]) for row in rows}
+    return [ref for ref in refs if (str(ref.digest), ref.is_manifest) in absent]
+
+
+class PostgresMetadataStore:
+    def __init__(self, pool: Any, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        pool_size: int = 10,
+        prepared_statements: bool = True,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 15.0,
+    ) -> PostgresMetadataStore:
+        """Connect and migrate; ``Unavailable`` (with the reason) if the database cannot be used.
+
+        Without ``prepared_statements`` no statement is kept prepared on a connection, which
+        PgBouncer in transaction mode requires (it hands each transaction any server connection).
+        """
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=pool_size,
+                timeout=connect_timeout,
+                command_timeout=command_timeout,
+                statement_cache_size=100 if prepared_statements else 0,
+                reset=_keep_session,
+            )
+        except (*_OUTAGE, asyncpg.PostgresError, ValueError) as exc:
+            raise Unavailable(describe_error(exc)) from exc
+        store = cls(pool, connect_timeout + command_timeout)
+        try:
+            await store._migrate()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._pool.close()
+        except TimeoutError:  # a connection that does not answer must not hold up shutdown
+            self._pool.terminate()
+
+    async def _migrate(self) -> None:
+        async with self._connection() as db, db.transaction():
+            # Replicas starting together queue here; each applies what is still missing.
+            await db.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                " version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)"
+            )
+            current = await db.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            for version, script in _migrations():
+                if version > current:
+                    await db.execute(script)  # no arguments: several statements at once
+                    await db.execute(
+                        "INSERT INTO schema_version (version, applied) VALUES ($1, $2)",
+                        version,
+                        time.time(),
+                    )
+
+    # -- connections and transactions ---------------------------------------------------------
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection; a database outage becomes ``Unavailable``."""
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as db:
+                try:
+                    yield db
+                except _OUTAGE:
+                    db.terminate()  # never reused: the pool opens a new connection instead
+                    raise
+        except _OUTAGE as exc:
+            log.warning("metadata store unavailable: %s", describe_error(exc))
+            raise Unavailable("the metadata store is unavailable") from exc
+
+    async def _transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``work(db)`` in a serializable transaction, again if a conflict aborts it.
+
+        ``work`` may run more than once, so it only talks to the database.
+        """
+        delay = _FIRST_BACKOFF
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                async with self._connection() as db, db.transaction(isolation="serializable"):
+                    return await work(db)
+            except asyncpg.exceptions.TransactionRollbackError:
+                if attempt == _WRITE_ATTEMPTS:
+                    log.warning("metadata write conflicted %d times; giving up", attempt)
+                    raise Unavailable("the metadata store is busy; try again") from None
+                await asyncio.sleep(random.uniform(0, delay))
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _one(self, sql: str, *params: Any) -> Any:
+        async with self._connection() as db:
+            return await db.fetchrow(sql, *params)
+
+    async def _all(self, sql: str, *params: Any) -> list[Any]:
+        async with self._connection() as db:
+            return list(await db.fetch(sql, *params))
+
+    # -- blobs --------------------------------------------------------------------------------
+
+    async def get_blob(self, digest: Digest) -> BlobRow | None:
+        row = await self._one(
+            "SELECT digest, size, storage_key FROM blobs WHERE digest = $1", str(digest)
+        )
+        return _blob(row) if row else None
+
+    async def get_repo_blob(self, repo: str, digest: Digest) -> BlobRow | None:
+        row = await self._one(
+            "SELECT b.digest, b.size, b.storage_key FROM repository_blobs r"
+            " JOIN blobs b ON b.digest = r.digest WHERE r.repo = $1 AND r.digest = $2",
+            repo,
+            str(digest),
+        )
+        return _blob(row) if row else None
+
+    async def blob_repositories(self, digest: Digest) -> list[str]:
+        rows = await self._all(
+            "SELECT repo FROM repository_blobs WHERE digest = $1 ORDER BY repo", str(digest)
+        )
+        return [row[0] for row in rows]
+
+    async def add_blob(self, repo: str, blob: BlobRow) -> BlobRow:
+        async def work(db: Connection) -> Any:
+            await db.execute(
+                "INSERT INTO blobs (digest, size, storage_key, created)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                str(blob.digest),
+                blob.size,
+                blob.storage_key,
+                time.time(),
+            )
+            await db.execute(
+                "INSERT INTO repository_blobs (repo, digest) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING",
+                repo,
+                str(blob.digest),
+            )
+            return await db.fetchrow(
+                "SELECT digest, size, storage_key FROM blobs WHERE digest = $1", str(blob.digest)
+            )
+
+        return _blob(await self._transaction(work))
+
+    async def link_blob(self, repo: str, digest: Digest) -> None:
+        async def work(db: Connection) -> None:
+            await db.execute(
+                "INSERT INTO repository_blobs (repo, digest)"
+                " SELECT $1, digest FROM blobs WHERE digest = $2 ON CONFLICT DO NOTHING",
+                repo,
+                str(digest),
+            )
+
+        await self._transaction(work)
+
+    async def unlink_blob(self, repo: str, digest: Digest) -> bool:
+        async def work(db: Connection) -> int:
+            return _count(
+                await db.execute(
+                    "DELETE FROM repository_blobs WHERE repo = $1 AND digest = $2",
+                    repo,
+                    str(digest),
+                )
+            )
+
+        return await self._transaction(work) > 0
+
+    async def delete_blob_if_unused(self, digest: Digest) -> BlobRow | None:
+        async def work(db: Connection) -> Any:
+            return await db.fetchrow(
+                "DELETE FROM blobs WHERE digest = $1"
+                " AND NOT EXISTS (SELECT 1 FROM repository_blobs WHERE digest = $1)"
+                " AND NOT EXISTS (SELECT 1 FROM manifest_references WHERE child = $1)"
+                " RETURNING digest, size, storage_key",
+                str(digest),
+            )
+
+        row = await self._transaction(work)
+        return _blob(row) if row else None
+
+    async def missing_references(self, repo: str, refs: Iterable[Reference]) -> list[Reference]:
+        async with self._connection() as db:
+            return await _missing_references(db, repo, list(refs))
+
+    # -- manifests and tags -------------------------------------------------------------------
+
+    async def get_manifest(self, repo: str, digest: Digest) -> ManifestRow | None:
+        row = await self._one(
+            f"SELECT {_MANIFEST_COLUMNS} FROM manifests m WHERE m.repo = $1 AND m.digest = $2",
+            repo,
+            str(digest),
+        )
+        return _manifest(row) if row else None
+
+    async def get_tagged_manifest(self, repo: str, tag: str) -> ManifestRow | None:
+        row = await self._one(
+            f"SELECT {_MANIFEST_COLUMNS} FROM tags t JOIN manifests m"
+            " ON m.repo = t.repo AND m.digest = t.digest WHERE t.repo = $1 AND t.tag = $2",
+            repo,
+            tag,
+        )
+        return _manifest(row) if row else None
+
+    async def put_manifest(
+        self, repo: str, manifest: ManifestRow, refs: Sequence[Reference], tags: Sequence[str]
+    ) -> None:
+        now = time.time()
+        digest = str(manifest.digest)
+        # One row per tag, in one order for every writer (no deadlock between two pushes).
+        tag_list = sorted(set(tags))
+
+        async def work(db: Connection) -> None:
+            await db.execute(
+                "INSERT INTO manifests"
+                " (repo, digest, media_type, content, subject, artifact_type, created)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                repo,
+                digest,
+                manifest.media_type,
+                manifest.content,
+                str(manifest.subject) if manifest.subject else None,
+                manifest.artifact_type,
+                now,
+            )
+            if refs:
+                await db.execute(
+                    "INSERT INTO manifest_references (repo, digest, child, is_manifest)"
+                    " SELECT $1, $2, r.child, r.is_manifest"
+                    " FROM unnest($3::text[], $4::boolean[]) AS r(child, is_manifest)"
+                    " ON CONFLICT DO NOTHING",
+                    repo,
+                    digest,
+                    [str(ref.digest) for ref in refs],
+                    [ref.is_manifest for ref in refs],
+                )
+            if tag_list:
+                await db.execute(
+                    "INSERT INTO tags (repo, tag, digest, updated)"
+                    " SELECT $1, t.tag, $2, $3 FROM unnest($4::text[]) AS t(tag)"
+                    " ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest,"
+                    " updated = excluded.updated",
+                    repo,
+                    digest,
+                    now,
+                    tag_list,
+                )
+
+        await self._transaction(work)
+
+    async def delete_manifest(self, repo: str, digest: Digest) -> bool:
+        key = str(digest)
+
+        async def work(db: Connection) -> bool:
+            status = await db.execute(
+                "DELETE FROM manifests WHERE repo = $1 AND digest = $2", repo, key
+            )
+            if _count(status) == 0:
+                return False
+            await db.execute(
+                "DELETE FROM manifest_references WHERE repo = $1 AND digest = $2", repo, key
+            )
+            await db.execute("DELETE FROM tags WHERE repo = $1 AND digest = $2", repo, key)
+            return True
+
+        return await self._transaction(work)
+
+    async def delete_tag(self, repo: str, tag: str) -> bool:
+        async def work(db: Connection) -> int:
+            return _count(
+                await db.execute("DELETE FROM tags WHERE repo = $1 AND tag = $2", repo, tag)
+            )
+
+        return await self._transaction(work) > 0
+
+    async def tag_checked(self, repo: str, tag: str) -> float | None:
+        row = await self._one("SELECT updated FROM tags WHERE repo = $1 AND tag = $2", repo, tag)
+        return float(row[0]) if row else None
+
+    async def list_tags(self, repo: str, last: str, limit: int) -> list[str]:
+        rows = await self._all(
+            "SELECT tag FROM tags WHERE repo = $1 AND tag > $2 ORDER BY tag LIMIT $3",
+            repo,
+            last,
+            limit,
+        )
+        return [row[0] for row in rows]
+
+    async def repository_exists(self, repo: str) -> bool:
+        row = await self._one(
+            "SELECT EXISTS (SELECT 1 FROM manifests WHERE repo = $1)"
+            " OR EXISTS (SELECT 1 FROM repository_blobs WHERE repo = $1)",
+            repo,
+        )
+        return bool(row[0])
+
+    async def list_repositories(self, last: str, limit: int) -> list[str]:
+        rows = await self._all(
+            "SELECT DISTINCT repo FROM manifests WHERE repo > $1 ORDER BY repo LIMIT $2",
+            last,
+            limit,
+        )
+        return [row[0] for row in rows]
+
+    async def referrers(
+        self, repo: str, subject: Digest, artifact_type: str | None
+    ) -> list[ManifestRow]:
+        sql = f"SELECT {_MANIFEST_COLUMNS} FROM manifests m WHERE m.repo = $1 AND m.subject = $2"
+        params: list[Any] = [repo, str(subject)]
+        if artifact_type is not None:
+            sql += " AND m.artifact_type = $3"
+            params.append(artifact_type)
+        rows = await self._all(sql + " ORDER BY m.digest", *params)
+        return [_manifest(row) for row in rows]
+
+    # -- uploads ------------------------------------------------------------------------------
+
+    async def create_upload(self, upload: UploadRow) -> None:
+        async def work(db: Connection) -> None:
+            await db.execute(
+                f"INSERT INTO uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                upload.id,
+                upload.repo,
+                upload.algorithm,
+                upload.offset,
+                upload.state,
+                upload.started,
+                upload.updated,
+            )
+
+        await self._transaction(work)
+
+    async def get_upload(self, upload_id: str) -> UploadRow | None:
+        row = await self._one(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE id = $1", upload_id)
+        return _upload(row) if row else None
+
+    async def update_upload(
+        self, upload_id: str, offset: int, state: str, now: float, *, expected: float
+    ) -> bool:
+        # float8 parameters travel in binary: ``updated = $5`` compares the exact double.
+        async def work(db: Connection) -> int:
+            return _count(
+                await db.execute(
+                    'UPDATE uploads SET "offset" = $1, state = $2, updated = $3'
+                    " WHERE id = $4 AND updated = $5",
+                    offset,
+                    state,
+                    now,
+                    upload_id,
+                    expected,
+                )
+            )
+
+        return await self._transaction(work) > 0
+
+    async def delete_upload(self, upload_id: str, *, expected: float | None = None) -> bool:
+        sql = "DELETE FROM uploads WHERE id = $1"
+        params: list[Any] = [upload_id]
+        if expected is not None:
+            sql += " AND updated = $2"
+            params.append(expected)
+
+        async def work(db: Connection) -> int:
+            return _count(await db.execute(sql, *params))
+
+        return await self._transaction(work) > 0
+
+    async def stale_uploads(self, before: float) -> list[UploadRow]:
+        rows = await self._all(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE updated < $1", before)
+        return [_upload(row) for row in rows]
