@@ -2,6 +2,7 @@
 """Benchmark regproxy against docker-registry (CNCF distribution) side by side.
 
     python scripts/bench.py [--s3] [--quick] [--size-mib N] [--runs N] [--no-fsync] [--json]
+                            [--workers N] [--only GROUP ...]
 
 Starts both servers on free 127.0.0.1 ports, each with its own temporary data directory
 (regproxy with its defaults; docker-registry with filesystem storage), runs the same workload
@@ -25,7 +26,21 @@ Workload (every blob push is of fresh content, so deduplication never short-circ
   8 MiB with Content-Range, then PUT ?digest=); bodies are sent from memory in 1 MiB pieces;
 - blob GET of the big blob, once and with 16 concurrent GETs (aggregate);
 - manifest PUT (distinct OCI manifests, by tag), GET and HEAD by tag: ops/s at concurrency 16;
-- tag list of a repository with 500 tags: median and p99 latency of sequential requests.
+- tag list of a repository with 500 tags: median and p99 latency of sequential requests;
+- small pushes: 1 MiB blobs (POST, then PUT with the body), ops/s at concurrency 16;
+- manifest GET and HEAD by tag and by digest through a load generator written in C, as the
+  Python client saturates before either server does: ``wrk -t2 -c32`` for GET (Debian's wrk
+  4.1 waits for a body after a HEAD response, so it cannot time HEAD) and ``ab -k -c32 -i``
+  (apache2-utils) for HEAD; rows whose tool is not installed are left out.
+
+``--workers N`` starts regproxy with ``serve --workers N`` (server CPU then counts all its
+processes). ``--only`` runs some groups of rows (``pushes``, ``small``, ``gets``,
+``manifests``, ``wrk``, ``tags``; the GET rows and the wrk rows push what they read
+themselves), e.g. to profile one of them (scripts/profile.sh).
+
+The ``target`` column is the ratio issue 10 asks for (filesystem mode), with ``ok`` where
+this run met it; big-push targets apply from 64 MiB blobs on, the ``wrk``/``ab`` rows'
+target is higher with ``--workers 2`` or more.
 
 Every row gets a warm-up first. Throughput rows (MiB/s, ops/s) report the best of ``--runs``
 timed runs; latency rows report the median and p99 over all requests of one timed series.
@@ -92,6 +107,11 @@ READ_CHUNK = 4 * MiB  # blob GETs are read and discarded in chunks of up to this
 CONCURRENCY = 16
 GET_FANOUT = 16
 TAGS_IN_REPO = 500
+SMALL = MiB  # small pushes: blobs of this size
+LOADGEN_CONNECTIONS = 32  # wrk -c / ab -c
+WRK = shutil.which("wrk")
+AB = shutil.which("ab")
+GROUPS = ("pushes", "small", "gets", "manifests", "wrk", "tags")
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -126,6 +146,9 @@ class Settings:
     tag_requests: int  # sequential tag-list requests
     fsync: bool  # regproxy's storage.fsync
     s3: bool  # both registries on S3 (moto), with S3 requests counted
+    workers: int = 1  # regproxy serve --workers
+    loadgen_seconds: float = 5.0  # duration of one wrk run
+    small_pushes: int = 200  # 1 MiB blobs per timed run
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -143,6 +166,9 @@ class Settings:
             tag_requests=100 if args.quick else 300,
             fsync=not args.no_fsync,
             s3=args.s3,
+            workers=args.workers,
+            loadgen_seconds=3.0 if args.quick else 5.0,
+            small_pushes=100 if args.quick else 200,
         )
 
 
@@ -163,6 +189,7 @@ class Row:
     higher_is_better: bool
     how: str  # "best of N" or "median of N requests" ...
     ops: int = 1  # operations per timed run (for S3 requests per operation)
+    target: float | None = None  # the ratio issue 10 asks for, if any
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)
 
@@ -196,6 +223,7 @@ class Row:
             REF: self.summary[REF],
             RP: self.summary[RP],
             "ratio": self.ratio,
+            "target": self.target,
             "runs": {
                 name: [
                     {"value": s.value, "server_cpu_s": s.server_cpu, "client_cpu_s": s.client_cpu}
@@ -223,10 +251,26 @@ class Target:
         return URL(urljoin(self.base + "/", location), encoded=True)
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process (all its threads) so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        """User + system CPU time of the server process (all its threads) and of its live
+        child processes (``--workers``) so far."""
+        ticks = 0
+        for pid in _process_tree(self.pid):
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
         return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc/<pid>/task/<tid>/children."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+    return found
 
 
 async def _expect(resp: aiohttp.ClientResponse, *statuses: int) -> None:
@@ -336,8 +380,9 @@ async def regproxy_server(
     fsync: bool,
     settings: Mapping[str, str] | None = None,
     startup_timeout: float = 30.0,
+    workers: int = 1,
 ) -> AsyncIterator[tuple[str, ManagedProcess]]:
-    """``regproxy serve`` on 127.0.0.1:<free port> with data in ``tmpdir/data``;
+    """``regproxy serve [--workers N]`` on 127.0.0.1:<free port> with data in ``tmpdir/data``;
     ``settings`` are more ``REGPROXY_*`` variables (e.g. S3 storage)."""
     env = tool_env({"REGPROXY_STORAGE_FSYNC": "true" if fsync else "false", **(settings or {})})
     for attempt in range(3):  # another process may take the free port before we bind it
@@ -347,6 +392,8 @@ async def regproxy_server(
             sys.executable, "-m", "regproxy", "serve",
             "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmpdir / "data"),
         ]  # fmt: skip
+        if workers > 1:
+            argv += ["--workers", str(workers)]
         process = await start_process(argv, log_path, env=env, cwd=tmpdir)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -702,20 +749,37 @@ class Bench:
         op: Callable[[Target, int], Awaitable[object]],
         warmup: Callable[[Target], Awaitable[object]],
         ops: int = 1,
+        target: float | None = None,
     ) -> None:
-        """Warm up, then time ``op(target, run)`` per run and target; value = amount / seconds.
-        ``ops``: how many operations one ``op`` call makes (for S3 requests per operation)."""
+        """Warm up, then time ``op(target, run)`` per run and target; value = amount / seconds
+        (or what ``op`` returns, if it returns a float: a rate a load generator measured).
+        ``ops``: how many operations one ``op`` call makes (for S3 requests per operation);
+        ``target``: the ratio to reach (filesystem mode only)."""
         self.log(operation)
         row = Row(operation, unit, True, f"best of {self.s.runs}", ops)
+        row.target = None if self.s.s3 else target
         row.samples = {t.name: [] for t in self.targets}
         for t in self.targets:
             await warmup(t)
         for run, order in enumerate(self._orders()):
             for t in order:
-                seconds, sample = await _timed(t, functools.partial(op, t, run))
-                sample.value = amount / seconds
+                result: list[object] = []
+
+                async def timed_op(
+                    t: Target = t, run: int = run, result: list[object] = result
+                ) -> None:
+                    result.append(await op(t, run))
+
+                seconds, sample = await _timed(t, timed_op)
+                rate = result[0]
+                sample.value = rate if isinstance(rate, float) else amount / seconds
                 row.samples[t.name].append(sample)
         self.rows.append(row.summarize_best())
+
+    @property
+    def push_target(self) -> float | None:
+        """Issue 10's target for big pushes: from 64 MiB blobs on, with fsync on."""
+        return 2.2 if self.s.size >= 64 * MiB and self.s.fsync and not self.s.s3 else None
 
     # -- blobs ---------------------------------------------------------------------------------
 
@@ -730,6 +794,7 @@ class Bench:
         ]
         for label, push in kinds:
             row = Row(f"push {label} {size // MiB} MiB", "MiB/s", True, f"best of {self.s.runs}")
+            row.target = self.push_target
             self.log(row.operation)
             row.samples = {t.name: [] for t in self.targets}
             for t in self.targets:
@@ -744,8 +809,12 @@ class Bench:
                     sample.value = size / MiB / seconds
                     row.samples[t.name].append(sample)
             self.rows.append(row.summarize_best())
-        # The blob the GET rows read: pushed to both, then checked once by a full GET.
-        data, digest = source.fresh()
+        await self.push_get_blob(source)
+
+    async def push_get_blob(self, source: BlobSource | None = None) -> None:
+        """The blob the GET rows read: pushed to both, then checked once by a full GET."""
+        size = self.s.size
+        data, digest = (source or BlobSource(size)).fresh()
         for t in self.targets:
             await push_monolithic(t, "bench/get", data, digest)
             await get_blob(t, "bench/get", digest, size, verify=True)
@@ -755,6 +824,8 @@ class Bench:
         """Blob GET rows; ``in_a_row``: sequential GETs per timed run of the first row (one
         short GET alone gives jumpy figures)."""
         size = self.s.size
+        if not self.big:
+            await self.push_get_blob()
 
         async def one(t: Target, run: int) -> None:
             for _ in range(in_a_row):
@@ -773,7 +844,9 @@ class Bench:
 
         mib = size / MiB
         label = f"blob GET {mib:.0f} MiB" + (f", {in_a_row} in a row" if in_a_row > 1 else "")
-        await self.throughput(label, "MiB/s", mib * in_a_row, one, warm_one, ops=in_a_row)
+        await self.throughput(
+            label, "MiB/s", mib * in_a_row, one, warm_one, ops=in_a_row, target=1.3
+        )
         if fanout_row:
             await self.throughput(
                 f"blob GET x{GET_FANOUT} concurrent (aggregate)",
@@ -782,6 +855,7 @@ class Bench:
                 fanout,
                 warm_fanout,
                 ops=GET_FANOUT,
+                target=1.3,
             )
 
     async def blob_heads(self) -> None:
@@ -887,7 +961,7 @@ class Bench:
         async def warm_heads(t: Target) -> None:
             await head_series(t, min(n, 200))
 
-        await self.throughput("manifest PUT by tag", "ops/s", n, puts, warm_puts, ops=n)
+        await self.throughput("manifest PUT by tag", "ops/s", n, puts, warm_puts, ops=n, target=3.0)
         await self.throughput("manifest GET by tag", "ops/s", n, gets, warm_gets, ops=n)
         await self.throughput("manifest HEAD by tag", "ops/s", n, heads, warm_heads, ops=n)
 
@@ -902,6 +976,73 @@ class Bench:
                 digest = resp.headers.get("Docker-Content-Digest")
             if body != want or digest != "sha256:" + hashlib.sha256(want).hexdigest():
                 raise BenchError(f"{t.name}: manifest r0-{i} came back changed")
+
+    async def small_pushes(self) -> None:
+        """1 MiB blobs, each new to both servers (POST, PUT with the body), ops/s at
+        concurrency 16."""
+        n, repo = self.s.small_pushes, "bench/small"
+        base = os.urandom(SMALL)
+        stamps = itertools.count()
+
+        async def series(t: Target, count: int) -> None:
+            async def op(i: int) -> None:
+                stamp = f"{next(stamps):016d}".encode()
+                await push_small(t, repo, stamp + base[len(stamp) :])
+
+            await run_concurrent(count, CONCURRENCY, op)
+
+        async def pushes(t: Target, run: int) -> None:
+            await series(t, n)
+
+        async def warm(t: Target) -> None:
+            await series(t, min(n, 50))
+
+        label = f"push {SMALL // MiB} MiB blobs"
+        await self.throughput(label, "ops/s", n, pushes, warm, ops=n, target=2.0)
+
+    async def manifests_loadgen(self) -> None:
+        """Manifest GET and HEAD by tag and by digest through wrk (GET) and ab (HEAD)."""
+        if WRK is None and AB is None:
+            self.log("neither wrk nor ab is installed: no load-generator manifest rows")
+            return
+        repo, tag = "bench/loadgen", "latest"
+        config = json.dumps({"architecture": "amd64", "os": "linux", "tag": tag}).encode()
+        layer = os.urandom(1024)
+        for t in self.targets:
+            self.config = (await push_small(t, repo, config), len(config))
+            self.layer = (await push_small(t, repo, layer), len(layer))
+            await self.put_manifest(t, repo, tag, self.manifest(tag))
+        content = self.manifest(tag)  # the same bytes on both
+        digest = "sha256:" + hashlib.sha256(content).hexdigest()
+        target = 10.0 if self.s.workers >= 2 else 7.0
+        conns, seconds = LOADGEN_CONNECTIONS, self.s.loadgen_seconds
+        accept = f"Accept: {OCI_MANIFEST}"
+        for reference, name in ((tag, "tag"), (digest, "digest")):
+            path = f"/v2/{repo}/manifests/{reference}"
+            if WRK is not None:
+
+                async def wrk(t: Target, run: int, path: str = path) -> float:
+                    duration = seconds if run >= 0 else 1.0
+                    argv = [WRK, "-t2", f"-c{conns}", f"-d{duration:g}s", "-H", accept]
+                    return _wrk_rate(await _loadgen([*argv, str(t.url(path))]))
+
+                async def warm_wrk(t: Target, wrk: Any = wrk) -> None:
+                    await wrk(t, -1)
+
+                label = f"manifest GET by {name} (wrk -t2 -c{conns})"
+                await self.throughput(label, "ops/s", 0, wrk, warm_wrk, target=target)
+            if AB is not None:
+
+                async def ab(t: Target, run: int, path: str = path) -> float:
+                    duration = seconds if run >= 0 else 1.0
+                    argv = [AB, "-q", "-k", "-i", f"-c{conns}", f"-t{duration:g}", "-n9999999"]
+                    return _ab_rate(await _loadgen([*argv, "-H", accept, str(t.url(path))]))
+
+                async def warm_ab(t: Target, ab: Any = ab) -> None:
+                    await ab(t, -1)
+
+                label = f"manifest HEAD by {name} (ab -k -c{conns})"
+                await self.throughput(label, "ops/s", 0, ab, warm_ab, target=target)
 
     async def tag_list(self) -> None:
         repo = "bench/tags"
@@ -945,6 +1086,38 @@ class Bench:
                 for name, values in latencies.items()
             }
             self.rows.append(row.summarize_best())
+
+
+async def _loadgen(argv: Sequence[str]) -> str:
+    """Run a load generator (wrk, ab) to its end; its standard output."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env()
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise BenchError(f"{shlex.join(argv)} exited with {proc.returncode}: {err.decode()[-500:]}")
+    return out.decode()
+
+
+def _wrk_rate(out: str) -> float:
+    """Requests/s from wrk's report; any non-2xx answer or socket error is a failure."""
+    for bad in ("Non-2xx or 3xx responses", "Socket errors"):
+        if bad in out:
+            raise BenchError(f"wrk: {bad}:\n{out}")
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise BenchError(f"wrk printed no Requests/sec:\n{out}")
+
+
+def _ab_rate(out: str) -> float:
+    """Requests/s from ab's report; failed or non-2xx requests are a failure."""
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    failed = int(fields.get("Failed requests", "0").split()[0])
+    non_2xx = int(fields.get("Non-2xx responses", "0").split()[0])
+    if failed or non_2xx or "Requests per second" not in fields:
+        raise BenchError(f"ab: {failed} failed, {non_2xx} non-2xx requests:\n{out}")
+    return float(fields["Requests per second"].split()[0])
 
 
 def _median(values: Sequence[float]) -> float:
@@ -1004,6 +1177,7 @@ def machine_context(settings: Settings, command: str) -> dict[str, Any]:
         "blob_mib": settings.size // MiB,
         "runs": settings.runs,
         "manifest_ops": settings.manifest_ops,
+        "workers": settings.workers,
         "concurrency": CONCURRENCY,
         "tag_requests": settings.tag_requests,
         "regproxy_fsync": settings.fsync,
@@ -1050,18 +1224,20 @@ def render_table(rows: Sequence[Row], context: dict[str, Any]) -> str:
         f"settings: blob {context['blob_mib']} MiB, manifest ops {context['manifest_ops']}"
         f" at concurrency {context['concurrency']},"
         + ("" if context["s3"] else f" tag list {context['tag_requests']} requests,")
-        + f" regproxy fsync={'on' if context['regproxy_fsync'] else 'off'}",
+        + f" regproxy fsync={'on' if context['regproxy_fsync'] else 'off'},"
+        f" regproxy workers={context['workers']}",
         f"storage: {context['storage']}",
         f"load average (1/5/15 min): {context['load_before']} before,"
         f" {context.get('load_after', '?')} after"
         " (other processes on the machine skew the results)",
         "throughput rows: best of the timed runs after a warm-up (run spread = (max-min)/max);"
         " latency rows: median / p99 of one interleaved series",
-        "ratio > 1.0 means regproxy is better (throughput rp/ref, latency ref/rp)",
+        "ratio > 1.0 means regproxy is better (throughput rp/ref, latency ref/rp);"
+        " target: the ratio issue 10 asks for, ok where met",
         "",
     ]
     header = (
-        "operation", "unit", REF, RP, "ratio",
+        "operation", "unit", REF, RP, "ratio", "target",
         "run spread (ref / rp)", "server CPU s/run (ref / rp)",
     )  # fmt: skip
     body = []
@@ -1073,11 +1249,17 @@ def render_table(rows: Sequence[Row], context: dict[str, Any]) -> str:
         )
         body.append((
             row.operation, row.unit, _fmt(row.summary[REF]), _fmt(row.summary[RP]),
-            f"{row.ratio:.2f}", spread, cpu,
+            f"{row.ratio:.2f}", _target_cell(row), spread, cpu,
         ))  # fmt: skip
     lines += _grid(header, body, left=2)
     lines += _render_s3_requests(rows)
     return "\n".join(lines)
+
+
+def _target_cell(row: Row) -> str:
+    if row.target is None:
+        return "-"
+    return f">= {row.target:g} {'ok' if row.ratio >= row.target else 'no'}"
 
 
 def _grid(header: Sequence[str], body: Sequence[Sequence[str]], left: int) -> list[str]:
@@ -1149,7 +1331,9 @@ async def start_targets(
     rp_dir = tmp / "regproxy"
     rp_dir.mkdir()
     rp_url, rp_proc = await stack.enter_async_context(
-        regproxy_server(rp_dir, fsync=settings.fsync, settings=rp_settings)
+        regproxy_server(
+            rp_dir, fsync=settings.fsync, settings=rp_settings, workers=settings.workers
+        )
     )
     targets = [
         Target(REF, ref.url, ref.pid, await stack.enter_async_context(_session())),
@@ -1169,16 +1353,27 @@ async def bench(args: argparse.Namespace, command: str) -> tuple[list[Row], dict
             targets = await start_targets(stack, tmp, settings)
             b = Bench(targets, settings, progress=not args.quiet)
             b.log("; ".join(f"{t.name} pid {t.pid} at {t.base}" for t in targets))
+            groups = set(args.only or GROUPS)
             try:
-                await b.pushes()
+                if "pushes" in groups:
+                    await b.pushes()
                 if settings.s3:
-                    await b.gets(fanout_row=False, in_a_row=S3_GETS_IN_A_ROW)
-                    await b.blob_heads()
-                    await b.manifests()
+                    if "gets" in groups:
+                        await b.gets(fanout_row=False, in_a_row=S3_GETS_IN_A_ROW)
+                        await b.blob_heads()
+                    if "manifests" in groups:
+                        await b.manifests()
                 else:
-                    await b.gets()
-                    await b.manifests()
-                    await b.tag_list()
+                    if "small" in groups:
+                        await b.small_pushes()
+                    if "gets" in groups:
+                        await b.gets()
+                    if "manifests" in groups:
+                        await b.manifests()
+                    if "wrk" in groups:
+                        await b.manifests_loadgen()
+                    if "tags" in groups:
+                        await b.tag_list()
             finally:
                 if args.keep:
                     b.log(f"logs and data kept in {tmp}")
@@ -1207,6 +1402,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row (default 3)")
     parser.add_argument(
         "--no-fsync", action="store_true", help="run regproxy with storage.fsync off"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="start regproxy with serve --workers N"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=GROUPS,
+        help="run only this group of rows (repeatable; default: all)",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs and logs")
