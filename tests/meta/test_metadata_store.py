@@ -241,6 +241,34 @@ async def test_concurrent_tag_upserts(open_store: OpenStore) -> None:
         assert await stores[1].get_tagged_manifest("app", f"only-{i}") == m
 
 
+async def test_manifest_reads_see_what_another_store_changed(open_store: OpenStore) -> None:
+    """A store that served a manifest by tag and by digest (and cached it, on SQLite) sees
+    another process move the tag, delete the tag and the manifest, and push what it had
+    found missing, on the next read."""
+    here, there = await open_store(), await open_store()
+    a, b = manifest("a"), manifest("b")
+    await there.put_manifest("app", a, [], ["latest", "v1"])
+    for _ in range(2):  # the second read may come from a cache
+        assert await here.get_tagged_manifest("app", "latest") == a
+        assert await here.get_tagged_manifest("app", "v1") == a
+        assert await here.get_manifest("app", a.digest) == a
+        assert await here.get_manifest("app", b.digest) is None
+        assert await here.get_tagged_manifest("app", "new") is None
+    await there.put_manifest("app", b, [], ["latest", "new"])
+    assert await here.get_tagged_manifest("app", "latest") == b
+    assert await here.get_tagged_manifest("app", "new") == b
+    assert await here.get_manifest("app", b.digest) == b
+    assert await there.delete_tag("app", "v1") is True
+    assert await here.get_tagged_manifest("app", "v1") is None
+    assert await here.get_manifest("app", a.digest) == a
+    assert await there.delete_manifest("app", a.digest) is True
+    assert await here.get_manifest("app", a.digest) is None
+    # And its own writes, through its own writer connection.
+    await here.put_manifest("app", a, [], ["latest"])
+    assert await here.get_tagged_manifest("app", "latest") == a
+    assert await there.get_tagged_manifest("app", "latest") == a
+
+
 # -- uploads ----------------------------------------------------------------------------------
 
 

@@ -3,11 +3,16 @@
 Two connections: one for reads, which only ever sees committed data, and one for writes,
 whose transactions an asyncio lock keeps from interleaving. Several processes may share
 the file: ``BEGIN IMMEDIATE`` and a busy timeout serialize their writers.
+
+Manifest reads go through a :class:`ManifestCache`, valid while ``PRAGMA data_version`` of a
+third connection stays put; that pragma reads the WAL index SQLite keeps in shared memory,
+so it runs on the event loop, without the round trip to the aiosqlite thread it saves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +23,7 @@ from typing import Any
 import aiosqlite
 
 from regproxy.meta.base import BlobRow, ManifestRow, Reference, UploadRow
+from regproxy.meta.cache import ManifestCache
 from regproxy.oci import Digest
 
 _PRAGMAS = (
@@ -57,10 +63,17 @@ def _blob(row: Any) -> BlobRow:
 
 
 class SqliteMetadataStore:
-    def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection) -> None:
+    def __init__(
+        self,
+        reader: aiosqlite.Connection,
+        writer: aiosqlite.Connection,
+        watcher: sqlite3.Connection,
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._write_lock = asyncio.Lock()
+        self._watcher = watcher
+        self._manifests = ManifestCache(self._data_version)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteMetadataStore:
@@ -70,13 +83,23 @@ class SqliteMetadataStore:
         for conn in (writer, reader):
             for pragma in _PRAGMAS:
                 await conn.execute(pragma)
-        store = cls(reader, writer)
+        # No busy timeout: a locked database is "changed", never a wait on the event loop.
+        watcher = sqlite3.connect(path, isolation_level=None, timeout=0)
+        store = cls(reader, writer, watcher)
         await store._migrate()
         return store
 
     async def close(self) -> None:
         await self._reader.close()
         await self._writer.close()
+        self._watcher.close()
+
+    def _data_version(self) -> int | None:
+        """Changes whenever any other connection (the writer, another process) commits."""
+        try:
+            return int(self._watcher.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            return None
 
     async def _migrate(self) -> None:
         async with self._transaction() as db:
@@ -205,19 +228,25 @@ class SqliteMetadataStore:
     # -- manifests and tags -------------------------------------------------------------------
 
     async def get_manifest(self, repo: str, digest: Digest) -> ManifestRow | None:
-        row = await self._one(
-            f"SELECT {_MANIFEST_COLUMNS} FROM manifests m WHERE m.repo = ? AND m.digest = ?",
-            (repo, str(digest)),
-        )
-        return _manifest(row) if row else None
+        async def read() -> ManifestRow | None:
+            row = await self._one(
+                f"SELECT {_MANIFEST_COLUMNS} FROM manifests m WHERE m.repo = ? AND m.digest = ?",
+                (repo, str(digest)),
+            )
+            return _manifest(row) if row else None
+
+        return await self._manifests.get((repo, digest), read)
 
     async def get_tagged_manifest(self, repo: str, tag: str) -> ManifestRow | None:
-        row = await self._one(
-            f"SELECT {_MANIFEST_COLUMNS} FROM tags t JOIN manifests m"
-            " ON m.repo = t.repo AND m.digest = t.digest WHERE t.repo = ? AND t.tag = ?",
-            (repo, tag),
-        )
-        return _manifest(row) if row else None
+        async def read() -> ManifestRow | None:
+            row = await self._one(
+                f"SELECT {_MANIFEST_COLUMNS} FROM tags t JOIN manifests m"
+                " ON m.repo = t.repo AND m.digest = t.digest WHERE t.repo = ? AND t.tag = ?",
+                (repo, tag),
+            )
+            return _manifest(row) if row else None
+
+        return await self._manifests.get((repo, "tag", tag), read)
 
     async def put_manifest(
         self, repo: str, manifest: ManifestRow, refs: Sequence[Reference], tags: Sequence[str]
