@@ -29,12 +29,13 @@ from regproxy.errors import (
     NameUnknown,
     RangeInvalid,
     SizeInvalid,
+    Unavailable,
 )
 from regproxy.meta.base import BlobRow, ManifestRow, MetadataStore, UploadRow
 from regproxy.oci import Digest
 from regproxy.registry.base import ContentRange
 from regproxy.registry.manifest import annotations_of, parse_manifest
-from regproxy.storage.base import BlobStore, BlobWriter
+from regproxy.storage.base import BlobStore, BlobWriter, UploadLost
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,18 @@ class HostedRegistry:
         return upload
 
     async def get_upload(self, repo: str, upload_id: str) -> UploadRow:
+        """An upload's status: only while its recorded bytes are really stored."""
+        upload = await self._upload(repo, upload_id)
+        try:
+            stored = await self.storage.upload_stored(upload.id, upload.state, upload.offset)
+        except Unavailable:
+            return upload  # storage cannot say now; the row is the record
+        if not stored:
+            await self._drop_lost(upload)
+            raise UploadLost(upload_id)
+        return upload
+
+    async def _upload(self, repo: str, upload_id: str) -> UploadRow:
         upload = await self.meta.get_upload(upload_id)
         if upload is None or upload.repo != repo:
             raise BlobUploadUnknown(detail={"upload_id": upload_id})
@@ -128,24 +141,35 @@ class HostedRegistry:
         content_range: ContentRange | None,
     ) -> UploadRow:
         async with self._upload_lock(upload_id):
-            upload = await self.get_upload(repo, upload_id)
+            upload = await self._upload(repo, upload_id)
             if content_range is not None and content_range.start != upload.offset:
+                if not await self.storage.upload_stored(upload.id, upload.state, upload.offset):
+                    await self._drop_lost(upload)  # its Range would claim bytes that are gone
+                    raise UploadLost(upload_id)
                 raise RangeInvalid(
                     f"chunk starts at {content_range.start}, the upload holds {upload.offset}"
                     " bytes",
                     headers={"Range": range_header(upload.offset), oci.UPLOAD_UUID: upload_id},
                 )
             expected = content_range.length if content_range is not None else None
-            writer, hasher = await self._resume(upload)
-            size, state = await self._receive(upload, writer, hasher, body, expected)
+            try:
+                writer, hasher = await self._resume(upload)
+                size, state = await self._receive(upload, writer, hasher, body, expected)
+            except UploadLost:
+                await self._drop_lost(upload)
+                raise
             return await self._record(upload, size, state, hasher)
 
     async def finish_upload(
         self, repo: str, upload_id: str, body: AsyncIterator[bytes] | None, digest: Digest
     ) -> BlobRow:
         async with self._upload_lock(upload_id):
-            upload = await self.get_upload(repo, upload_id)
-            writer, hasher = await self._resume(upload)
+            upload = await self._upload(repo, upload_id)
+            try:
+                writer, hasher = await self._resume(upload)
+            except UploadLost:
+                # Killed after the commit published the bytes, before the row was written?
+                return await self._finish_published(upload, body, digest)
             size = upload.offset
             if body is not None and digest.algorithm == upload.algorithm:
                 # The last bytes go straight into the commit: nothing to record in between.
@@ -194,7 +218,7 @@ class HostedRegistry:
 
     async def cancel_upload(self, repo: str, upload_id: str) -> None:
         async with self._upload_lock(upload_id):
-            upload = await self.get_upload(repo, upload_id)
+            upload = await self._upload(repo, upload_id)
             await self._forget(upload)
 
     async def purge_stale_uploads(self, max_age: float) -> int:
@@ -206,6 +230,74 @@ class HostedRegistry:
                 if await self._forget(upload, expected=upload.updated):
                     purged += 1
         return purged
+
+    async def reconcile_uploads(self, grace: float) -> int:
+        """Drop the rows of uploads idle for ``grace`` seconds whose stored bytes are gone
+        (a crash after a commit, before its row; see ``_finish_published``); returns how
+        many. Within the grace a retried finish can still complete them."""
+        dropped = 0
+        for upload in await self.meta.stale_uploads(time.time() - grace):
+            async with self._upload_lock(upload.id):
+                if await self.storage.upload_stored(upload.id, upload.state, upload.offset):
+                    continue
+                if await self._drop_lost(upload):
+                    dropped += 1
+        return dropped
+
+    async def _finish_published(
+        self, upload: UploadRow, body: AsyncIterator[bytes] | None, digest: Digest
+    ) -> BlobRow:
+        """Finish an upload whose bytes a commit already published, when they are the blob.
+
+        The bytes count only if they are where a commit of this upload as ``digest`` put
+        them, hold as many bytes as the upload plus this request's body, and hash to the
+        digest. Otherwise the upload is gone: its row is dropped, 404 BLOB_UPLOAD_UNKNOWN.
+        """
+        size = upload.offset
+        if body is not None:
+            async for chunk in body:  # the final chunk, sent again: already in the blob
+                size += len(chunk)
+        found = await self.storage.published(upload.id, digest)
+        if found is None or found[1] != size or not await self._stored_as(found[0], size, digest):
+            await self._drop_lost(upload)
+            raise UploadLost(upload.id)
+        key = found[0]
+        claimed = await self.meta.update_upload(
+            upload.id, upload.offset, upload.state, time.time(), expected=upload.updated
+        )
+        if not claimed:
+            raise BlobUploadUnknown(
+                "the upload changed or expired during this request",
+                detail={"upload_id": upload.id},
+            )
+        log.info("upload %s: its bytes were published before a crash; finishing it", upload.id)
+        async with self._digest_lock(digest):
+            blob = await self.meta.add_blob(upload.repo, BlobRow(digest, size, key))
+        if blob.storage_key != key:  # another upload of the same bytes got there first
+            await self.storage.delete(key)
+        self._hashers.pop(upload.id, None)
+        await self.meta.delete_upload(upload.id)
+        return blob
+
+    async def _stored_as(self, key: str, size: int, digest: Digest) -> bool:
+        """Whether the ``size`` bytes stored at ``key`` hash to ``digest``."""
+        hasher = hashlib.new(digest.algorithm)
+        try:
+            async for chunk in self.storage.read(key, 0, size):
+                await asyncio.to_thread(hasher.update, chunk)
+        except FileNotFoundError:
+            return False
+        return bool(hasher.hexdigest() == digest.hex)
+
+    async def _drop_lost(self, upload: UploadRow) -> bool:
+        """Delete the row of an upload whose bytes are gone (if nobody changed it since).
+
+        Whatever is left in storage is not deleted here: after a crash it may be a published
+        blob that another process is just recording; the orphan sweep removes what no row
+        names.
+        """
+        self._hashers.pop(upload.id, None)
+        return await self.meta.delete_upload(upload.id, expected=upload.updated)
 
     async def _forget(self, upload: UploadRow, *, expected: float | None = None) -> bool:
         # Row first: storage never outlives the row.
