@@ -197,13 +197,13 @@ class Fill:
             self.done = True
             self._notify()
             # Clients already reading keep their open descriptor; new ones go to storage.
-            # The fetch ended its upload (committed or cancelled); a kill leaves the note.
-            with suppress(OSError):
-                await asyncio.to_thread(os.unlink, _upload_note(self.spool))
-            if not keep_spool or self.spool.suffix != PARTIAL:
+            if self._file is not None:  # the spool is ours (else it may be another's)
+                # The fetch ended its upload (committed or cancelled); a kill leaves the note.
                 with suppress(OSError):
-                    await asyncio.to_thread(os.unlink, self.spool)
-            if self._file is not None:
+                    await asyncio.to_thread(os.unlink, _upload_note(self.spool))
+                if not keep_spool or self.spool.suffix != PARTIAL:
+                    with suppress(OSError):
+                        await asyncio.to_thread(os.unlink, self.spool)
                 await asyncio.to_thread(self._file.close)  # releases the lock
 
     async def note_upload(self, upload_id: str) -> None:
