@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yarl
 
 from regproxy.api.keys import CONFIG
 from regproxy.tasks import HOSTED
@@ -159,3 +160,20 @@ async def test_start_up_reconciles_the_spool(
     assert sorted(p.name for p in spool_dir(client).iterdir()) == sorted([fresh.name, live.name])
     assert await app_of(client)[HOSTED].meta.get_upload(killed.id) is None
     assert not any((config.storage_path / "uploads").iterdir())
+
+
+async def test_resume_through_a_cdn_redirect(
+    proxy: Client, upstream: FakeUpstream, cdn: yarl.URL
+) -> None:
+    """Docker Hub sends blobs from a CDN: the resumed request is redirected too, and its
+    Range goes along."""
+    digest, data = big_blob(upstream, 5 * MiB)
+    upstream.redirect_to = cdn
+    upstream.cut_once = {digest: len(data) // 2}
+    assert await get_body(proxy, f"{BLOB}/{digest}") == data
+    at_cdn = [s for s in upstream.seen if s.server == "cdn"]
+    assert len(at_cdn) == 2
+    assert "Range" not in at_cdn[0].headers and at_cdn[1].headers["Range"].startswith("bytes=")
+    assert upstream.count("GET", f"cdn:/cdn/{REPO}/{digest}", 206) == 1
+    assert upstream.bytes_sent[digest] <= len(data) + IN_FLIGHT
+    await assert_cached(proxy, digest, data)
