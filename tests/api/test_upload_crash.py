@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from regproxy.config import Config
+from regproxy.meta.base import BlobRow
 from regproxy.oci import Digest
 from regproxy.registry.hosted import HostedRegistry
 from regproxy.tasks import HOSTED
@@ -194,3 +195,42 @@ async def test_lost_upload_rows_are_dropped_by_the_sweep(
     resp = await client.get(alive)
     assert resp.status == 204
     assert resp.headers["Range"] == "0-3"
+
+
+@pytest.mark.parametrize("ending", ["cancel", "purge", "status"])
+async def test_upload_row_left_after_the_blob_row(
+    make_client: MakeClient, backend_config: Config, ending: str
+) -> None:
+    """Killed after the blob's row, before the upload's row went: whatever ends the upload
+    leaves the blob's bytes alone. On S3 the upload was taken over by another process first,
+    so its blob key held a partial object once, which cancelling an upload deletes."""
+    first = await make_client(backend_config)
+    data = os.urandom(12 * MiB)
+    digest = digest_of(data)
+    location = await start_upload(first, REPO)
+    location = await patch(first, location, data[: 6 * MiB], 0)
+    second = await make_client(backend_config)  # continues it: a takeover on S3
+    location = await patch(second, location, data[6 * MiB :], 6 * MiB)
+    hosted = hosted_of(second)
+    upload = await hosted.meta.get_upload(location.rsplit("/", 1)[1])
+    assert upload is not None
+    writer = await hosted.storage.open_writer(upload.id, upload.state, upload.offset)
+    key = await writer.commit(Digest.parse(digest))
+    await hosted.meta.add_blob(REPO, BlobRow(Digest.parse(digest), len(data), key))
+    # killed here: the upload's row is still there
+    await first.close()
+    await second.close()
+
+    client = await make_client(backend_config)
+    if ending == "cancel":
+        resp = await client.delete(location)
+        assert resp.status in (204, 404)
+    elif ending == "purge":
+        time.sleep(0.01)  # noqa: ASYNC251 - only to be past "updated" by a clock tick
+        assert await hosted_of(client).purge_stale_uploads(0.001) == 1
+    else:
+        await assert_upload_unknown(client, location)
+    assert await hosted_of(client).meta.get_upload(upload.id) is None
+    resp = await client.get(f"/v2/{REPO}/blobs/{digest}")
+    assert resp.status == 200
+    assert await resp.read() == data

@@ -219,6 +219,10 @@ class HostedRegistry:
     async def cancel_upload(self, repo: str, upload_id: str) -> None:
         async with self._upload_lock(upload_id):
             upload = await self._upload(repo, upload_id)
+            if not await self.storage.upload_stored(upload.id, upload.state, upload.offset):
+                # After a crash its bytes may be a blob a row already names: leave them.
+                await self._drop_lost(upload)
+                return
             await self._forget(upload)
 
     async def purge_stale_uploads(self, max_age: float) -> int:
@@ -226,8 +230,11 @@ class HostedRegistry:
         purged = 0
         for upload in await self.meta.stale_uploads(time.time() - max_age):
             async with self._upload_lock(upload.id):
-                # Only if nobody, in any process, touched it since we looked.
-                if await self._forget(upload, expected=upload.updated):
+                # Only if nobody, in any process, touched it since we looked; and its
+                # storage only if it is still the upload's (see cancel_upload).
+                if not await self.storage.upload_stored(upload.id, upload.state, upload.offset):
+                    purged += await self._drop_lost(upload)
+                elif await self._forget(upload, expected=upload.updated):
                     purged += 1
         return purged
 
