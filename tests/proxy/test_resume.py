@@ -177,3 +177,28 @@ async def test_resume_through_a_cdn_redirect(
     assert upstream.count("GET", f"cdn:/cdn/{REPO}/{digest}", 206) == 1
     assert upstream.bytes_sent[digest] <= len(data) + IN_FLIGHT
     await assert_cached(proxy, digest, data)
+
+
+async def test_two_processes_fill_the_same_blob(
+    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Two apps on one data directory: the second finds the spool locked and fills with a
+    private one, which it never leaves behind; both serve the exact bytes."""
+    assert upstream.base_url is not None
+    config = make_config(tmp_path, upstreams={"fake": {"url": str(upstream.base_url)}})
+    first, second = await make_client(config), await make_client(config)
+    digest, data = big_blob(upstream, 3 * MiB)
+    upstream.slow, upstream.slow_first = {digest}, MiB
+    pull_first = asyncio.create_task(get_body(first, f"{BLOB}/{digest}"))
+    await asyncio.wait_for(upstream.first_sent.wait(), 10)
+    upstream.first_sent.clear()
+    pull_second = asyncio.create_task(get_body(second, f"{BLOB}/{digest}"))
+    await asyncio.wait_for(upstream.first_sent.wait(), 10)
+    names = sorted(p.name for p in spool_dir(first).iterdir())
+    assert names[0] == f"sha256-{digest.split(':')[1]}.partial"
+    assert any(name.endswith(".tmp") for name in names)  # the second one's own
+    upstream.release.set()
+    assert await pull_first == data and await pull_second == data
+    await assert_cached(first, digest, data)
+    await eventually(lambda: no_fill_running(second))
+    assert leftover_files(second) == []
