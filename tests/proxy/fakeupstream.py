@@ -409,7 +409,8 @@ class FakeUpstream:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         start = _range_start(request.headers.get("Range")) if self.ranges == "honour" else None
         if start is not None and start >= len(data):
-            return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+            headers = {"Content-Range": f"bytes */{len(data)}"}
+            return _error(416, "RANGE_INVALID", "range not satisfiable", headers)
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         position = 0
         if start is not None:

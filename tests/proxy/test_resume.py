@@ -202,3 +202,23 @@ async def test_two_processes_fill_the_same_blob(
     await assert_cached(first, digest, data)
     await eventually(lambda: no_fill_running(second))
     assert leftover_files(second) == []
+
+
+@pytest.mark.parametrize("extra", [0, 10])
+async def test_spool_holding_all_or_more_than_the_blob(
+    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path, extra: int
+) -> None:
+    """A kill after the last byte was spooled, before the commit: the upstream answers the
+    range past the end with 416 and the spool is used as it is. A spool longer than the
+    blob (416 for another size) is dropped and the blob fetched again."""
+    assert upstream.base_url is not None
+    config = make_config(tmp_path, upstreams={"fake": {"url": str(upstream.base_url)}})
+    digest, data = big_blob(upstream, 2 * MiB)
+    spool = config.data_path / "spool"
+    spool.mkdir(parents=True)
+    _touch(spool / f"sha256-{digest.split(':')[1]}.partial", data + os.urandom(extra))
+    client = await make_client(config)
+    assert await get_body(client, f"{BLOB}/{digest}") == data
+    assert upstream.count("GET", f"/v2/{REPO}/blobs/{digest}", 416) == 1
+    assert upstream.bytes_sent[digest] == (len(data) if extra else 0)
+    await assert_cached(client, digest, data)

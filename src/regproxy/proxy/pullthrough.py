@@ -307,6 +307,8 @@ class PullThroughRegistry:
                         start = 0
                         continue
                     first = False
+                    if response.status == 416:  # the spool holds all of it
+                        return
                     async for chunk in _body(response, skip):
                         yield chunk
                     return
@@ -338,11 +340,15 @@ class PullThroughRegistry:
                 return None
         elif response.status == 416:
             total = _range_total(response.headers.get("Content-Range"), None)
-            if not first or total != position:
+            if total != position:
+                if not first:
+                    raise _Inconsistent(f"the upstream refused {position}- of its own blob")
                 return None  # the spool holds more than the blob: start over
         else:
             total = response.content_length
             if total is not None and position > total:
+                if not first:
+                    raise _Inconsistent("the upstream's blob changed size while it was fetched")
                 return None
             skip = position  # the upstream ignored Range and sends everything again
         if first:
