@@ -116,6 +116,7 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     proxy = PullThroughRegistry(
         app[HOSTED], upstreams, config.data_path / "spool", config.limits.manifest_max_bytes
     )
+    await proxy.reconcile_spool(config.uploads.max_age)
     app[REGISTRY] = RegistryRouter(app[HOSTED], proxy, config.default_upstream)
     try:
         yield
