@@ -17,7 +17,7 @@ from regproxy.auth.rules import upstream_prefixes
 from regproxy.auth.service import AUTH, build_authenticator
 from regproxy.config import Config, UpstreamConfig
 from regproxy.meta.sqlite import SqliteMetadataStore
-from regproxy.proxy.pullthrough import PullThroughRegistry
+from regproxy.proxy.pullthrough import PULL_THROUGH, PullThroughRegistry
 from regproxy.proxy.upstream import Upstream
 from regproxy.registry.hosted import HostedRegistry
 from regproxy.registry.router import RegistryRouter
@@ -76,6 +76,7 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
         app[HOSTED], upstreams, config.data_path / "spool", config.limits.manifest_max_bytes
     )
     app[REGISTRY] = RegistryRouter(app[HOSTED], proxy, config.default_upstream)
+    app[PULL_THROUGH] = proxy
     try:
         yield
     finally:

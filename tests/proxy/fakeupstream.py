@@ -15,6 +15,8 @@ it behave like the upstreams a cache meets in the wild:
   chunked, without a ``Content-Length``.
 - ``status``/``retry_after``: answer every registry request with that status (e.g. 429, 500);
   ``down``: drop every connection without an answer; ``delay``: sleep before answering.
+- ``headers``: extra headers on every registry answer (e.g. Docker Hub's ``ratelimit-*``);
+  ``gate``: an event every registry request waits for (after being recorded) before answering.
 - ``redirect_to``: answer blob GETs with a 307 to ``<redirect_to>/<digest>``, served by this
   app's own ``/cdn/`` route or by a second server from :func:`cdn_app` (a CDN stand-in).
 """
@@ -110,6 +112,8 @@ class FakeUpstream:
     corrupt: set[str] = field(default_factory=set)
     no_length: set[str] = field(default_factory=set)  # sent chunked, without Content-Length
     redirect_to: yarl.URL | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    gate: asyncio.Event | None = None
     referrers_api: bool = True
     # state
     tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -258,6 +262,8 @@ class FakeUpstream:
             raise ConnectionResetError("the fake upstream is down")
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.gate is not None and request.path != "/token":
+            await self.gate.wait()
         response: web.StreamResponse
         if request.path == "/token" or request.path.startswith("/cdn/"):
             response = await handler(request)
@@ -267,6 +273,8 @@ class FakeUpstream:
             response = _error(self.status, code, "scripted failure", headers)
         else:
             response = self._challenge(request) or await handler(request)
+        if request.path != "/token" and not request.path.startswith("/cdn/"):
+            response.headers.update(self.headers)
         self.statuses[(request.method, request.path, response.status)] += 1
         return response
 

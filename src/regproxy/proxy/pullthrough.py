@@ -18,10 +18,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import aiohttp
+from aiohttp import web
 
 from regproxy import oci
 from regproxy.errors import (
@@ -70,6 +72,16 @@ def upstream_error(exc: BaseException, what: str) -> RegistryError:
             return Denied(f"the upstream's token service refused access to {what}")
         return Unavailable(f"could not authenticate upstream for {what}: {exc}")
     return Unavailable(f"the upstream could not be reached for {what}")
+
+
+@dataclass(frozen=True, slots=True)
+class FillProgress:
+    """One blob fetch from upstream in progress: which repositories wait, how far it got."""
+
+    digest: Digest
+    repos: tuple[str, ...]
+    written: int
+    size: int | None  # None until the upstream said
 
 
 class PullThroughRegistry:
@@ -125,12 +137,16 @@ class PullThroughRegistry:
         if fill is not None and fill.size.done() and not fill.size.exception():
             return BlobRow(digest, fill.size.result(), FILLING)
         upstream, remote = self.split(repo)
+        self._check_blob_miss(upstream, repo, digest)
         try:
             size = await upstream.head_blob(remote, digest)
         except _UPSTREAM_ERRORS as exc:
-            raise _blob_error(exc, digest) from exc
+            raise self._remember_blob_miss(
+                upstream, repo, digest, _blob_error(exc, digest)
+            ) from exc
         if size is None:
-            raise BlobUnknown(detail={"digest": str(digest)})
+            unknown = BlobUnknown(detail={"digest": str(digest)})
+            raise self._remember_blob_miss(upstream, repo, digest, unknown)
         return BlobRow(digest, size, FILLING)
 
     async def get_blob(self, repo: str, digest: Digest) -> BlobRow:
@@ -140,6 +156,7 @@ class PullThroughRegistry:
         upstream, remote = self.split(repo)
         fill = self._fills.get(str(digest))
         if fill is None:
+            self._check_blob_miss(upstream, repo, digest)
             known = await self.meta.get_blob(digest)
             if known is not None and await self._upstream_has(upstream, remote, digest):
                 # Stored already (another repository, or pushed): no need to fetch it again.
@@ -150,8 +167,35 @@ class PullThroughRegistry:
         try:
             size = await asyncio.shield(fill.size)
         except FillFailed as exc:
-            raise _blob_error(fill.error or exc, digest) from exc
+            error = _blob_error(fill.error or exc, digest)
+            raise self._remember_blob_miss(upstream, repo, digest, error) from exc
         return BlobRow(digest, size, FILLING)
+
+    def _check_blob_miss(self, upstream: Upstream, repo: str, digest: Digest) -> None:
+        """BLOB_UNKNOWN without asking the upstream, if it said 404 for it moments ago."""
+        if upstream.negative.hit(("blob", repo, str(digest)), upstream.clock()):
+            raise BlobUnknown("not found upstream moments ago", detail={"digest": str(digest)})
+
+    def _remember_blob_miss(
+        self, upstream: Upstream, repo: str, digest: Digest, error: RegistryError
+    ) -> RegistryError:
+        """``error``, after noting an upstream 404 (BLOB_UNKNOWN) in the negative cache."""
+        if isinstance(error, BlobUnknown):
+            upstream.negative.add(("blob", repo, str(digest)), upstream.clock())
+        return error
+
+    def fills_in_progress(self) -> list[FillProgress]:
+        """The blob fetches from upstream running in this process, for the UI."""
+        return [
+            FillProgress(
+                fill.digest,
+                tuple(sorted(fill.repos)),
+                fill.written,
+                fill.size.result() if fill.size.done() and not fill.size.exception() else None,
+            )
+            for fill in list(self._fills.values())
+            if not fill.done
+        ]
 
     def blob_path(self, blob: BlobRow) -> Path | None:
         return None if blob.storage_key == FILLING else self.hosted.blob_path(blob)
@@ -230,33 +274,84 @@ class PullThroughRegistry:
             cached = await self.meta.get_manifest(repo, digest)
             if cached is not None:
                 return cached
-            return await self._flight(
-                repo, reference, lambda: self._fetch_manifest(upstream, remote, repo, reference)
+            return await self._fetch_remembering_misses(
+                upstream,
+                repo,
+                reference,
+                lambda: self._fetch_manifest(upstream, remote, repo, reference),
             )
         tag = oci.parse_tag(reference)
         cached = await self.meta.get_tagged_manifest(repo, tag)
         if cached is None:
-            return await self._flight(
-                repo, tag, lambda: self._fetch_manifest(upstream, remote, repo, tag)
+            return await self._fetch_remembering_misses(
+                upstream, repo, tag, lambda: self._fetch_manifest(upstream, remote, repo, tag)
             )
-        checked = await self.meta.tag_checked(repo, tag)
-        if checked is not None and time.time() - checked < upstream.config.tag_ttl:
+        ttl = upstream.config.ttl_for(tag)
+        if ttl is None:  # a tag rule says "forever"
             return cached
-        return await self._flight(
-            repo, tag, lambda: self._revalidate(upstream, remote, repo, tag, cached)
-        )
+        checked = await self.meta.tag_checked(repo, tag)
+        if checked is not None and time.time() - checked < ttl:
+            return cached
+        if upstream.rate_limited():
+            return self._serve_stale(
+                upstream, repo, tag, cached, "the upstream's rate limit is used up"
+            )
+        revalidate = lambda: self._revalidate(upstream, remote, repo, tag, cached)  # noqa: E731
+        if upstream.config.stale_while_revalidate:
+            self._start_flight(repo, tag, revalidate)
+            return self._serve_stale(upstream, repo, tag, cached, "revalidating in the background")
+        return await self._flight(repo, tag, revalidate)
 
-    async def _flight(
-        self, repo: str, reference: str, fetch: Callable[[], Awaitable[ManifestRow]]
+    async def _fetch_remembering_misses(
+        self,
+        upstream: Upstream,
+        repo: str,
+        reference: str,
+        fetch: Callable[[], Awaitable[ManifestRow]],
     ) -> ManifestRow:
-        """One upstream round trip per (repository, reference) at a time."""
+        """Fetch an uncached manifest, answering a recent upstream 404 without asking again."""
+        key = ("manifest", repo, reference)
+        if upstream.negative.hit(key, upstream.clock()):
+            raise ManifestUnknown(
+                f"{repo}:{reference} was not found upstream moments ago",
+                detail={"reference": reference},
+            )
+        try:
+            return await self._flight(repo, reference, fetch)
+        except ManifestUnknown:
+            upstream.negative.add(key, upstream.clock())
+            raise
+
+    def _serve_stale(
+        self, upstream: Upstream, repo: str, tag: str, cached: ManifestRow, why: str
+    ) -> ManifestRow:
+        """A tag past its TTL answered from the cache without waiting for the upstream."""
+        log.debug("serving cached %s:%s past its TTL: %s", repo, tag, why)
+        return cached
+
+    def _start_flight(
+        self, repo: str, reference: str, fetch: Callable[[], Awaitable[ManifestRow]]
+    ) -> asyncio.Future[ManifestRow]:
+        """The upstream round trip for (repository, reference): the one in flight, or a new one."""
         key = (repo, reference)
         flight = self._flights.get(key)
         if flight is None:
             flight = self._spawn(fetch())
             self._flights[key] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(key, None))
-        return await asyncio.shield(flight)
+
+            def done(finished: asyncio.Future[ManifestRow]) -> None:
+                self._flights.pop(key, None)
+                if not finished.cancelled():
+                    finished.exception()  # retrieved: a background flight may have no waiter
+
+            flight.add_done_callback(done)
+        return flight
+
+    async def _flight(
+        self, repo: str, reference: str, fetch: Callable[[], Awaitable[ManifestRow]]
+    ) -> ManifestRow:
+        """One upstream round trip per (repository, reference) at a time."""
+        return await asyncio.shield(self._start_flight(repo, reference, fetch))
 
     async def _revalidate(
         self, upstream: Upstream, remote: str, repo: str, tag: str, cached: ManifestRow
@@ -267,9 +362,11 @@ class PullThroughRegistry:
                 await self.meta.put_manifest(repo, cached, (), [tag])  # confirmed: fresh again
                 return cached
             return await self._fetch_manifest(upstream, remote, repo, tag)
-        except UpstreamStatus as exc:
-            if exc.status == 404:
+        except (UpstreamStatus, ManifestUnknown) as exc:
+            if isinstance(exc, ManifestUnknown) or exc.status == 404:
+                # Gone upstream (the HEAD's 404, or the GET's after a HEAD without a digest).
                 await self.meta.delete_tag(repo, tag)
+                upstream.negative.add(("manifest", repo, tag), upstream.clock())
                 raise ManifestUnknown(f"{remote}:{tag} no longer exists upstream") from exc
             self._warn_stale(repo, tag, exc)
         except (*_UPSTREAM_ERRORS, Unavailable, TooManyRequests) as exc:
@@ -408,3 +505,6 @@ def _blob_error(exc: BaseException, digest: Digest) -> RegistryError:
         # Storing the upstream's bytes failed (e.g. DIGEST_INVALID): not the client's fault.
         return Unavailable(f"the upstream's blob {digest} could not be cached: {exc.message}")
     return upstream_error(exc, f"blob {digest}")
+
+
+PULL_THROUGH = web.AppKey("pull_through", PullThroughRegistry)
