@@ -189,12 +189,26 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus metrics at ``/metrics``."""
+
+    enabled: bool = True
+    # A separate HOST:PORT (e.g. "127.0.0.1:9100") serving only /metrics, without auth; empty:
+    # /metrics is on the main listener and needs a login like /v2/ (see README).
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:5000"
     data_dir: str = "./data"
     log_level: str = "info"
+    # "text" (readable lines) or "json" (one JSON object per line, access and application).
+    log_format: str = "text"
     # Seconds SIGTERM waits for in-flight requests before the process exits.
     shutdown_timeout: float = 30.0
+    # Seconds /readyz waits for the metadata store and blob storage to answer.
+    ready_timeout: float = 2.0
     storage: StorageConfig = field(default_factory=StorageConfig)
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -202,6 +216,7 @@ class Config:
     # Serve pulls of names not hosted here from this upstream (Docker's registry-mirrors).
     default_upstream: str = ""
     auth: AuthConfig = field(default_factory=AuthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def host(self) -> str:
@@ -374,16 +389,30 @@ def _validate(config: Config) -> None:
     _validate_auth(config.auth)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key log_level: unknown level {config.log_level!r}")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(
+            f"config key log_format: expected 'text' or 'json', got {config.log_format!r}"
+        )
+    if config.metrics.listen and not _is_host_port(config.metrics.listen):
+        raise ConfigError(
+            f"config key metrics.listen: expected HOST:PORT, got {config.metrics.listen!r}"
+        )
     positive = {
         "uploads.max_age": config.uploads.max_age,
         "uploads.purge_interval": config.uploads.purge_interval,
         "limits.manifest_max_bytes": config.limits.manifest_max_bytes,
         "limits.page_max": config.limits.page_max,
         "shutdown_timeout": config.shutdown_timeout,
+        "ready_timeout": config.ready_timeout,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: must be greater than zero, got {value}")
+
+
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
 def _validate_upstreams(config: Config) -> None:

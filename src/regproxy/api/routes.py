@@ -6,7 +6,7 @@ from typing import Final
 
 from aiohttp import web
 
-from regproxy.api import base, blobs, catalog, manifests, referrers, tags, uploads
+from regproxy.api import base, blobs, catalog, manifests, ops, referrers, tags, uploads
 from regproxy.auth import handlers as token
 
 NAME = "{name:.+?}"
@@ -21,6 +21,10 @@ MOUNT_SOURCE: Final = "pull:from"
 _N = "/v2/{name}"
 ROUTE_ACCESS: Final[dict[tuple[str, str], tuple[str, ...]]] = {
     ("GET", "/healthz"): (OPEN,),
+    ("GET", "/readyz"): (OPEN,),
+    # On the main listener /metrics needs a login, like /v2/ (open mode: anyone on loopback);
+    # metrics.listen serves it on a separate address without auth instead.
+    ("GET", "/metrics"): (LOGIN,),
     ("GET", "/token"): (OPEN,),
     ("POST", "/token"): (OPEN,),
     ("GET", "/v2/"): (LOGIN,),
@@ -41,10 +45,31 @@ ROUTE_ACCESS: Final[dict[tuple[str, str], tuple[str, ...]]] = {
     ("DELETE", f"{_N}/blobs/{{digest}}"): ("delete",),
 }
 
+# The ``handler`` label of the HTTP metrics, per route path: distribution's names where it has
+# the route. Routes not listed are labelled with their aiohttp name, else their path template.
+HANDLER_NAMES: Final[dict[str, str]] = {
+    "/healthz": "healthz",
+    "/readyz": "readyz",
+    "/metrics": "metrics",
+    "/token": "token",
+    "/v2/": "base",
+    "/v2": "base",
+    "/v2/_catalog": "catalog",
+    f"{_N}/tags/list": "tags",
+    f"{_N}/referrers/{{digest}}": "referrers",
+    f"{_N}/manifests/{{reference}}": "manifest",
+    f"{_N}/blobs/uploads/": "blob_upload",
+    f"{_N}/blobs/uploads": "blob_upload",
+    f"{_N}/blobs/uploads/{{upload_id}}": "blob_upload_chunk",
+    f"{_N}/blobs/{{digest}}": "blob",
+}
+
 
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/healthz", base.get_health)
+    r.add_get("/readyz", ops.get_ready)
+    r.add_get("/metrics", ops.get_metrics)
     r.add_get("/token", token.get_token)
     r.add_post("/token", token.post_token)
     r.add_get("/v2/", base.get_base)

@@ -15,6 +15,7 @@ exactly like pushed ones.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -37,6 +38,7 @@ from regproxy.errors import (
     Unavailable,
 )
 from regproxy.meta.base import BlobRow, ManifestRow, UploadRow
+from regproxy.metrics import BYPASS, HIT, JOINED, MISS, STALE, Metrics
 from regproxy.oci import Digest
 from regproxy.proxy.auth import TokenError
 from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone
@@ -52,6 +54,32 @@ log = logging.getLogger(__name__)
 FILLING = ""
 _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, TokenError, UpstreamStatus)
 T = TypeVar("T")
+
+
+def describe_error(exc: BaseException) -> str:
+    """An upstream failure in a few words: the status, the errno, or the exception's kind."""
+    if isinstance(exc, UpstreamStatus):
+        retry = f", Retry-After {exc.retry_after}" if exc.retry_after else ""
+        return f"answered {exc.status}{retry}"
+    if isinstance(exc, TokenError):
+        return f"token service: {str(exc)[:160]}"
+    if isinstance(exc, RegistryError):
+        return f"{exc.code}: {exc.message[:160]}"
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        cause = exc.os_error
+        name = errno.errorcode.get(cause.errno or 0, "") if cause.errno else ""
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        return f"cannot connect: {name + ' ' if name else ''}{reason}".strip()
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the connection closed before an answer"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the body broke off mid-transfer"
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)} {exc.strerror or ''}".strip()
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def upstream_error(exc: BaseException, what: str) -> RegistryError:
@@ -91,8 +119,11 @@ class PullThroughRegistry:
         upstreams: dict[str, Upstream],
         spool_dir: Path,
         manifest_max_bytes: int,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.hosted = hosted
+        self.metrics = metrics if metrics is not None else Metrics()
         self.meta = hosted.meta
         self.upstreams = upstreams
         self.spool_dir = spool_dir
@@ -152,6 +183,7 @@ class PullThroughRegistry:
     async def get_blob(self, repo: str, digest: Digest) -> BlobRow:
         blob = await self.meta.get_repo_blob(repo, digest)
         if blob is not None:
+            self._outcome(repo, "blob", HIT)
             return blob
         upstream, remote = self.split(repo)
         fill = self._fills.get(str(digest))
@@ -161,8 +193,14 @@ class PullThroughRegistry:
             if known is not None and await self._upstream_has(upstream, remote, digest):
                 # Stored already (another repository, or pushed): no need to fetch it again.
                 await self.meta.link_blob(repo, digest)
+                self._outcome(repo, "blob", HIT)
                 return known
-            fill = self._fills.get(str(digest)) or self._start_fill(upstream, remote, repo, digest)
+            fill = self._fills.get(str(digest))
+        if fill is None:
+            fill = self._start_fill(upstream, remote, repo, digest)
+            self._outcome(repo, "blob", MISS)
+        else:
+            self._outcome(repo, "blob", JOINED)
         fill.repos.add(repo)
         try:
             size = await asyncio.shield(fill.size)
@@ -251,13 +289,23 @@ class PullThroughRegistry:
 
         async def run() -> None:
             started = time.monotonic()
+            fills = self.metrics.fills.labels(upstream.name)
+            fills.inc()
             try:
                 await fill.run(fetch)
             finally:
+                fills.dec()
+                self.metrics.pulled(upstream.name, "blob", fill.written)
                 if self._fills.get(str(digest)) is fill:
                     del self._fills[str(digest)]
             if fill.error is not None:
-                log.warning("upstream fetch of %s from %s failed: %r", digest, remote, fill.error)
+                log.warning(
+                    "upstream %s: fetching blob %s of %s failed: %s",
+                    upstream.host,
+                    digest,
+                    remote,
+                    describe_error(fill.error),
+                )
             else:
                 elapsed = time.monotonic() - started
                 log.info("cached %s, %d bytes, in %.2fs", digest, fill.written, elapsed)
@@ -273,6 +321,7 @@ class PullThroughRegistry:
             digest = Digest.parse(reference)
             cached = await self.meta.get_manifest(repo, digest)
             if cached is not None:
+                self._outcome(repo, "manifest", HIT)
                 return cached
             return await self._fetch_remembering_misses(
                 upstream,
@@ -288,9 +337,11 @@ class PullThroughRegistry:
             )
         ttl = upstream.config.ttl_for(tag)
         if ttl is None:  # a tag rule says "forever"
+            self._outcome(repo, "manifest", HIT)
             return cached
         checked = await self.meta.tag_checked(repo, tag)
         if checked is not None and time.time() - checked < ttl:
+            self._outcome(repo, "manifest", HIT)
             return cached
         if upstream.rate_limited():
             return self._serve_stale(
@@ -300,7 +351,16 @@ class PullThroughRegistry:
         if upstream.config.stale_while_revalidate:
             self._start_flight(repo, tag, revalidate)
             return self._serve_stale(upstream, repo, tag, cached, "revalidating in the background")
-        return await self._flight(repo, tag, revalidate)
+        joined = (repo, tag) in self._flights
+        got = await self._flight(repo, tag, revalidate)
+        if joined:
+            self._outcome(repo, "manifest", JOINED)
+        elif got.digest != cached.digest:
+            self._outcome(repo, "manifest", MISS)
+        else:  # confirmed upstream (checked again), or served because the upstream failed
+            confirmed = await self.meta.tag_checked(repo, tag) != checked
+            self._outcome(repo, "manifest", HIT if confirmed else STALE)
+        return got
 
     async def _fetch_remembering_misses(
         self,
@@ -316,6 +376,7 @@ class PullThroughRegistry:
                 f"{repo}:{reference} was not found upstream moments ago",
                 detail={"reference": reference},
             )
+        self._outcome(repo, "manifest", JOINED if (repo, reference) in self._flights else MISS)
         try:
             return await self._flight(repo, reference, fetch)
         except ManifestUnknown:
@@ -326,6 +387,7 @@ class PullThroughRegistry:
         self, upstream: Upstream, repo: str, tag: str, cached: ManifestRow, why: str
     ) -> ManifestRow:
         """A tag past its TTL answered from the cache without waiting for the upstream."""
+        self._outcome(repo, "manifest", STALE)
         log.debug("serving cached %s:%s past its TTL: %s", repo, tag, why)
         return cached
 
@@ -374,7 +436,18 @@ class PullThroughRegistry:
         return cached
 
     def _warn_stale(self, repo: str, tag: str, exc: BaseException) -> None:
-        log.warning("serving cached %s:%s, the upstream failed to revalidate: %r", repo, tag, exc)
+        upstream, _ = self.split(repo)
+        log.warning(
+            "upstream %s: revalidating %s:%s failed: %s; serving cached copy",
+            upstream.host,
+            repo,
+            tag,
+            describe_error(exc),
+        )
+
+    def _outcome(self, repo: str, kind: str, outcome: str) -> None:
+        """Count a pull of ``repo`` (on the request's own path) and tell its access line."""
+        self.metrics.note_outcome(repo.partition("/")[0], kind, outcome)
 
     async def _fetch_manifest(
         self, upstream: Upstream, remote: str, repo: str, reference: str
@@ -384,8 +457,21 @@ class PullThroughRegistry:
             got = await upstream.get_manifest(remote, reference, self.manifest_max_bytes)
         except UpstreamStatus as exc:
             # A tag we cannot see upstream (404) or may not see (401/403) is unknown here too.
+            if exc.status != 404:
+                log.warning(
+                    "upstream %s: fetching manifest %s failed: %s",
+                    upstream.host,
+                    what,
+                    describe_error(exc),
+                )
             raise upstream_error(exc, what) from exc
         except _UPSTREAM_ERRORS as exc:
+            log.warning(
+                "upstream %s: fetching manifest %s failed: %s",
+                upstream.host,
+                what,
+                describe_error(exc),
+            )
             raise upstream_error(exc, what) from exc
         if got is None:
             raise ManifestUnknown(f"{what} is not known upstream", detail={"reference": reference})
@@ -407,6 +493,7 @@ class PullThroughRegistry:
             raise Unavailable(
                 f"the upstream sent an unusable manifest for {what}: {exc.message}"
             ) from exc
+        self.metrics.pulled(upstream.name, "manifest", len(got.content))
         manifest = ManifestRow(
             digest, parsed.media_type, got.content, parsed.subject, parsed.artifact_type
         )
@@ -420,8 +507,15 @@ class PullThroughRegistry:
         try:
             tags = await upstream.list_tags(remote, last, limit)
         except _UPSTREAM_ERRORS as exc:
-            log.warning("serving cached tags of %s, the upstream failed: %r", repo, exc)
+            log.warning(
+                "upstream %s: listing the tags of %s failed: %s; serving cached tags",
+                upstream.host,
+                remote,
+                describe_error(exc),
+            )
+            self._outcome(repo, "tags", STALE)
             return await self.hosted.list_tags(repo, last, limit)
+        self._outcome(repo, "tags", BYPASS)
         if tags is None:
             raise NameUnknown(detail={"name": repo})
         return sorted(tags)[:limit]
@@ -433,8 +527,14 @@ class PullThroughRegistry:
         try:
             found = await upstream.referrers(remote, subject, artifact_type)
         except _UPSTREAM_ERRORS as exc:
-            log.warning("serving cached referrers in %s, the upstream failed: %r", repo, exc)
+            log.warning(
+                "upstream %s: listing referrers in %s failed: %s; serving cached referrers",
+                upstream.host,
+                remote,
+                describe_error(exc),
+            )
             found = None
+        self._outcome(repo, "referrers", BYPASS if found is not None else STALE)
         if found is None:
             return await self.hosted.referrers(repo, subject, artifact_type)
         return found

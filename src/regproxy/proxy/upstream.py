@@ -19,6 +19,7 @@ import yarl
 
 from regproxy import oci
 from regproxy.config import UpstreamConfig
+from regproxy.metrics import Metrics
 from regproxy.oci import Digest
 from regproxy.proxy.auth import UpstreamAuth
 from regproxy.proxy.freshness import NegativeCache, RateLimit
@@ -58,8 +59,16 @@ def _is_docker_hub(name: str, url: yarl.URL) -> bool:
 
 
 class Upstream:
-    def __init__(self, name: str, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.name = name
+        self.metrics = metrics if metrics is not None else Metrics()
         self.config = config
         self.base = yarl.URL(config.url.rstrip("/"))
         self._session = session
@@ -103,7 +112,12 @@ class Upstream:
             authorization = self.auth.header(scope)
             if authorization:
                 sent["Authorization"] = authorization
-            response = await self._session.request(method, url, params=params, headers=sent)
+            try:
+                response = await self._session.request(method, url, params=params, headers=sent)
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                self.metrics.upstream_request(self.name, method, "error")
+                raise
+            self.metrics.upstream_request(self.name, method, response.status)
             self._observe(response)
             if response.status == 401 and attempt == 1:
                 challenge = response.headers.get("WWW-Authenticate", "")
@@ -121,13 +135,15 @@ class Upstream:
         """Refuse to send while the upstream's rate limit is used up (no request is made)."""
         now = self.clock()
         if self.rate_limit.blocked_for(now, blob=blob) > 0:
+            self.metrics.ratelimited_locally(self.name)
             raise UpstreamRateLimited(self.rate_limit.retry_after(now, blob=blob))
 
     def _observe(self, response: aiohttp.ClientResponse) -> None:
         """Take in the upstream's rate-limit headers (and 429s) from every answer."""
         now = self.clock()
         was_blocked = self.rate_limit.blocked_for(now) > 0
-        self.rate_limit.observe(response.status, response.headers, now)
+        if self.rate_limit.observe(response.status, response.headers, now):
+            self.metrics.set_rate_limit(self.name, self.rate_limit.remaining, self.rate_limit.limit)
         if not was_blocked and self.rate_limit.blocked_for(now) > 0:
             log.warning(
                 "upstream %s: rate limit reached, no requests to it for %ss",
