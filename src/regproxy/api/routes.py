@@ -8,6 +8,7 @@ from aiohttp import web
 
 from regproxy.api import base, blobs, catalog, manifests, ops, referrers, tags, uploads
 from regproxy.auth import handlers as token
+from regproxy.web import pages as ui
 
 NAME = "{name:.+?}"
 
@@ -43,6 +44,17 @@ ROUTE_ACCESS: Final[dict[tuple[str, str], tuple[str, ...]]] = {
     ("DELETE", f"{_N}/blobs/uploads/{{upload_id}}"): ("push",),
     ("GET", f"{_N}/blobs/{{digest}}"): ("pull",),
     ("DELETE", f"{_N}/blobs/{{digest}}"): ("delete",),
+    # The web UI signs its users in with its own cookie (web/session.py) and checks pull
+    # rights per repository itself: each page shows only what its user may pull.
+    ("GET", "/ui"): (OPEN,),
+    ("GET", "/ui/"): (OPEN,),
+    ("GET", "/ui/style.css"): (OPEN,),
+    ("GET", "/ui/login"): (OPEN,),
+    ("POST", "/ui/login"): (OPEN,),
+    ("POST", "/ui/logout"): (OPEN,),
+    ("GET", "/ui/upstreams"): (OPEN,),
+    ("GET", "/ui/repo/{name}"): (OPEN,),
+    ("GET", "/ui/manifest/{name}/-/{reference}"): (OPEN,),
 }
 
 # The ``handler`` label of the HTTP metrics, per route path: distribution's names where it has
@@ -97,3 +109,14 @@ def add_routes(app: web.Application) -> None:
     r.add_get(blob, blobs.get_blob, allow_head=False)
     r.add_head(blob, blobs.head_blob)
     r.add_delete(blob, blobs.delete_blob)
+
+    # The web UI (read-only). "/-/" cannot occur in a repository name, so it ends one.
+    r.add_get("/ui", ui.redirect_to_ui, name="ui_root")
+    r.add_get("/ui/", ui.list_repositories, name="ui_repositories")
+    r.add_get("/ui/style.css", ui.get_style, name="ui_style")
+    r.add_get("/ui/login", ui.get_login, name="ui_login")
+    r.add_post("/ui/login", ui.post_login, name="ui_login_post")
+    r.add_post("/ui/logout", ui.post_logout, name="ui_logout")
+    r.add_get("/ui/upstreams", ui.list_upstreams, name="ui_upstreams")
+    r.add_get("/ui/repo/{name:.+}", ui.get_repository, name="ui_repository")
+    r.add_get("/ui/manifest/{name:.+?}/-/{reference}", ui.get_manifest, name="ui_manifest")
