@@ -7,16 +7,20 @@ are kept under ``$REGPROXY_TEST_ARTIFACTS`` (default ``tests/artifacts/``, ignor
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
-from tests.e2e.images import make_oci_layout
+from tests.e2e.images import make_oci_layout, payload_bytes
 from tests.e2e.procs import SKOPEO_BIN, RegproxyProcess, regproxy, skopeo, write_htpasswd
+from tests.proxy.fakeupstream import FakeImage, FakeUpstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
@@ -33,6 +37,10 @@ CHROMIUM_ARGS = [
 ]
 PASSWORDS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2"}
 CONFIG = """
+[upstreams."fake.io"]
+url = "{upstream}"
+tag_rules = [{{ match = "v*.*.*", ttl = "forever" }}]
+
 [auth]
 users_file = "{htpasswd}"
 
@@ -43,7 +51,7 @@ actions = ["*"]
 
 [[auth.rules]]
 who = ["bob"]
-repos = ["team/**"]
+repos = ["team/**", "fake.io/**"]
 actions = ["pull"]
 """
 
@@ -58,10 +66,38 @@ def artifacts_dir() -> Path:
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RegproxyProcess]:
+async def fake() -> AsyncIterator[FakeUpstream]:
+    """The scripted upstream of the proxy tests, on a loopback port, reporting a rate limit."""
+    upstream = FakeUpstream(
+        headers={"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "87;w=21600"}
+    )
+    server = TestServer(upstream.app(), host="127.0.0.1")
+    await server.start_server()
+    upstream.base_url = server.make_url("")
+    try:
+        yield upstream
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def server(tmp_path: Path, fake: FakeUpstream) -> AsyncIterator[RegproxyProcess]:
     htpasswd = write_htpasswd(tmp_path / "htpasswd", PASSWORDS)
-    async with regproxy(tmp_path / "regproxy", config=CONFIG.format(htpasswd=htpasswd)) as proc:
+    config = CONFIG.format(htpasswd=htpasswd, upstream=fake.base_url)
+    async with regproxy(tmp_path / "regproxy", config=config) as proc:
         yield proc
+
+
+async def pull_through(server: RegproxyProcess, image: FakeImage, times: int) -> None:
+    basic = base64.b64encode(f"alice:{PASSWORDS['alice']}".encode()).decode()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Basic {basic}"}) as http:
+        for _ in range(times):
+            path = f"{server.url}/v2/fake.io/{image.repo}"
+            async with http.get(f"{path}/manifests/{image.tag}") as resp:
+                assert resp.status == 200, await resp.text()
+            for digest, data in image.blobs.items():
+                async with http.get(f"{path}/blobs/{digest}") as resp:
+                    assert await resp.read() == data
 
 
 @pytest.fixture
@@ -91,7 +127,9 @@ async def push(server: RegproxyProcess, tmp_path: Path, repo: str, tag: str, **k
     return image
 
 
-async def test_ui_in_chromium(server: RegproxyProcess, browser: Any, tmp_path: Path) -> None:
+async def test_ui_in_chromium(
+    server: RegproxyProcess, fake: FakeUpstream, browser: Any, tmp_path: Path
+) -> None:
     if shutil.which(SKOPEO_BIN) is None:
         pytest.fail("skopeo missing: apt-get install -y skopeo")
     annotations = {
@@ -111,6 +149,10 @@ async def test_ui_in_chromium(server: RegproxyProcess, browser: Any, tmp_path: P
     await push(server, tmp_path, "team/app", "latest", layers=[1_200_000, 40_000], seed="one")
     await push(server, tmp_path, "team/tools", "v1", layers=[90_000], seed="tools")
     await push(server, tmp_path, "secret/vault", "v1", layers=[1_000], seed="secret")
+    cached = fake.add_image(
+        "library/alpine", "v3.20.1", [payload_bytes(900_000, "a"), payload_bytes(4_000, "b")]
+    )
+    await pull_through(server, cached, times=2)
     shots = artifacts_dir()
 
     context = await browser.new_context(viewport={"width": 1280, "height": 900})
@@ -153,6 +195,14 @@ async def test_ui_in_chromium(server: RegproxyProcess, browser: Any, tmp_path: P
         assert layer.digest in layers and layer.media_type in layers
     assert arm.config.digest in await page.inner_text("main")
     await page.screenshot(path=str(shots / "ui-image.png"), full_page=True)
+
+    await page.goto(f"{server.url}/ui/upstreams")
+    upstreams = await page.inner_text("main")
+    assert "fake.io" in upstreams and "50%" in upstreams, "one cold pull, one warm: 1 of 2 hits"
+    assert "87 of 100" in upstreams
+    await page.screenshot(path=str(shots / "ui-upstreams.png"), full_page=True)
+    await page.click("a[href='/ui/']")
+    assert "fake.io/library/alpine" in await page.inner_text("main")
 
     await page.goto(f"{server.url}/ui/repo/secret/vault")
     assert "Not found" in await page.inner_text("h1")
