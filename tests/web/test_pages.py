@@ -271,6 +271,7 @@ async def test_upstreams_page(make_proxy: MakeProxy, upstream: FakeUpstream) -> 
     row = page[page.index("<strong>fake</strong>") :]
     assert str(upstream.base_url) in row
     assert "76 of 100" in row
+    assert "50%" in row and "4 hits, 4 misses" in row, "the warm pull hit what the cold one missed"
     stored = sum(len(b) for b in image.blobs.values()) + len(image.manifest)
     assert f"{stored / 1000:.1f} KB in {len(image.blobs)} blobs" in row
 
