@@ -401,3 +401,24 @@ async def test_open_mode_has_no_login(client: Client) -> None:
     assert resp.status == 303 and resp.headers["Location"] == "/ui/"
     resp = await client.get("/ui/style.css")
     assert resp.status == 200 and resp.content_type == "text/css"
+
+
+async def test_cached_repository_shows_what_was_not_pulled(
+    proxy: Client, upstream: FakeUpstream
+) -> None:
+    amd = upstream.add_image("lib/multi", None, seed="amd")
+    arm = upstream.add_image("lib/multi", None, seed="arm")
+    upstream.add_index("lib/multi", "v1", [amd, arm])
+    assert (await proxy.get("/v2/fake/lib/multi/manifests/v1")).status == 200
+    assert (await proxy.get(f"/v2/fake/lib/multi/manifests/{amd.digest}")).status == 200
+    page = await fetch(proxy, "/ui/repo/fake/lib/multi")
+    assert "Cached from" in page and str(upstream.base_url) in page
+    # Never pulled through the cache: arm64's manifest (so its blobs are not even known) and
+    # amd64's config and layer.
+    assert "+3 not cached" in page, page
+    table = section(await fetch(proxy, "/ui/manifest/fake/lib/multi/-/v1"), "Manifests")
+    amd_row, arm_row = table.split("<tr>")[2:4]
+    assert amd.digest in amd_row and "not stored" not in amd_row
+    assert arm.digest in arm_row and "not stored" in arm_row
+    await fetch(proxy, f"/ui/manifest/fake/lib/multi/-/{arm.digest}", 404)
+    assert upstream.count("GET", f"/v2/lib/multi/manifests/{arm.digest}") == 0, "UI never asks"

@@ -5,14 +5,20 @@ Every statement either metadata connection runs is counted with sqlite3's trace 
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+
+import bcrypt
 
 from regproxy.meta.base import BlobRow, ManifestRow, Reference
 from regproxy.meta.sqlite import SqliteMetadataStore
 from regproxy.oci import Digest
 from regproxy.tasks import HOSTED
-from tests.helpers import OCI_INDEX, OCI_MANIFEST, Client, app_of, canonical
+from tests.conftest import MakeClient
+from tests.helpers import OCI_INDEX, OCI_MANIFEST, Client, app_of, canonical, make_config
 from tests.web.conftest import fetch
 
 TAGS = 5000
@@ -103,3 +109,36 @@ async def test_other_pages_bounded(client: Client) -> None:
         async with counting(client) as statements:
             await fetch(client, path)
         assert len(statements) <= 6, (path, statements)
+
+
+async def test_repository_list_bounded_when_little_is_visible(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    """Looking for repositories a user may pull among many it may not stops after a few
+    queries and offers to go on from where it stopped."""
+    users = {"bob": bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()}
+    rules = [{"who": ["bob"], "repos": ["team/**"], "actions": ["pull"]}]
+    client = await make_client(make_config(tmp_path, auth__users=users, auth__rules=rules))
+    meta = app_of(client)[HOSTED].meta
+    row = ManifestRow(Digest.of(b"{}"), OCI_MANIFEST, b"{}")
+    for i in range(1200):
+        await meta.put_manifest(f"other/r{i:04d}", row, (), ["v1"])
+    await meta.put_manifest("team/app", row, (), ["v1"])
+    resp = await client.post(
+        "/ui/login", data={"username": "bob", "password": "pw"}, allow_redirects=False
+    )
+    assert resp.status == 303
+    async with counting(client) as statements:
+        page = await fetch(client, "/ui/?kind=hosted")
+    queries = [s for s in statements if "FROM manifests" in s]
+    assert len(queries) <= 5, len(queries)
+    assert "team/app" not in page and "Next page" in page
+    seen, path = [], "/ui/?kind=hosted"
+    for _ in range(10):
+        page = await fetch(client, path)
+        seen += re.findall(r'href="/ui/repo/([^"]+)"', page)
+        more = re.findall(r'href="(/ui/\?[^"]*last=[^"]+)"', page)
+        if not more:
+            break
+        path = html.unescape(more[0])
+    assert seen == ["team/app"]
