@@ -16,9 +16,8 @@ import time
 from typing import Any, Final, TextIO
 
 ACCESS_FIELDS: Final = "access"
-# The first bytes of a TLS record carrying a handshake (a ClientHello), as aiohttp's parser
-# quotes them in its "invalid method" error.
-_TLS_HANDSHAKE_REPRS: Final = ("b'\\x16\\x03", 'b"\\x16\\x03')
+# How aiohttp's HTTP parsers (C and Python) report a request starting with a TLS record.
+_TLS_MARKER: Final = "HTTPS traffic on an HTTP port"
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -76,7 +75,7 @@ class TlsProbeFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None or type(exc).__name__ != "BadHttpMethod":
             return True
-        if not any(marker in str(exc) for marker in _TLS_HANDSHAKE_REPRS):
+        if _TLS_MARKER not in str(exc):
             return True
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
         record.msg = "TLS handshake from %s on the plain-HTTP port ignored (client probing https)"

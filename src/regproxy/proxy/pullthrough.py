@@ -283,6 +283,7 @@ class PullThroughRegistry:
                 # Clients see each piece as it arrives; storage and hashing get big chunks.
                 body = rechunk(tee(response.content.iter_any()))
                 await self.hosted.put_blob(repo, digest, body)
+            self.metrics.pulled(upstream.name, "blob", fill.written)  # before clients finish
             fill.set_size(fill.written)
             for other in fill.repos - {repo}:
                 await self.meta.link_blob(other, digest)
@@ -295,10 +296,10 @@ class PullThroughRegistry:
                 await fill.run(fetch)
             finally:
                 fills.dec()
-                self.metrics.pulled(upstream.name, "blob", fill.written)
                 if self._fills.get(str(digest)) is fill:
                     del self._fills[str(digest)]
             if fill.error is not None:
+                self.metrics.pulled(upstream.name, "blob", fill.written)  # fetched, discarded
                 log.warning(
                     "upstream %s: fetching blob %s of %s failed: %s",
                     upstream.host,
