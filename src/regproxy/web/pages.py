@@ -117,7 +117,7 @@ def _to_login(request: web.Request) -> web.Response:
 
 
 def page(handler: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """A UI page: the caller from the cookie; registry errors as HTML, not JSON."""
+    """A UI page: the caller from the cookie; an invalid name or tag is an HTML 404."""
 
     async def run(request: web.Request) -> web.StreamResponse:
         caller = await session.caller_of(request)
