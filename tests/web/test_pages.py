@@ -422,3 +422,20 @@ async def test_cached_repository_shows_what_was_not_pulled(
     assert arm.digest in arm_row and "not stored" in arm_row
     await fetch(proxy, f"/ui/manifest/fake/lib/multi/-/{arm.digest}", 404)
     assert upstream.count("GET", f"/v2/lib/multi/manifests/{arm.digest}") == 0, "UI never asks"
+
+
+async def test_upstreams_page_cache_budget(
+    make_proxy: MakeProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a byte budget for the upstream's cache (the lifecycle settings), the page shows
+    the size against it."""
+    from regproxy.web import pages
+
+    image = upstream.add_image("lib/app", "v1", [b"a" * 200_000])
+    proxy = await make_proxy()
+    monkeypatch.setattr(pages, "cache_budget", lambda config: 1_000_000)
+    assert (await proxy.get("/v2/fake/lib/app/manifests/v1")).status == 200
+    for digest in image.blobs:
+        assert (await proxy.get(f"/v2/fake/lib/app/blobs/{digest}")).status == 200
+    page = await fetch(proxy, "/ui/upstreams")
+    assert "of 1.0 MB (20%)" in page
