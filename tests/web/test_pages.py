@@ -435,7 +435,7 @@ async def test_upstreams_page_cache_budget(
     proxy = await make_proxy()
     monkeypatch.setattr(pages, "cache_budget", lambda config: 1_000_000)
     assert (await proxy.get("/v2/fake/lib/app/manifests/v1")).status == 200
-    for digest in image.blobs:
-        assert (await proxy.get(f"/v2/fake/lib/app/blobs/{digest}")).status == 200
+    for digest, data in image.blobs.items():
+        assert await (await proxy.get(f"/v2/fake/lib/app/blobs/{digest}")).read() == data
     page = await fetch(proxy, "/ui/upstreams")
     assert "of 1.0 MB (20%)" in page
