@@ -265,8 +265,8 @@ async def test_upstreams_page(make_proxy: MakeProxy, upstream: FakeUpstream) -> 
     for _ in range(2):  # a cold pull, then a warm one
         resp = await proxy.get("/v2/fake/lib/app/manifests/v1")
         assert resp.status == 200
-        for digest in image.blobs:
-            assert (await proxy.get(f"/v2/fake/lib/app/blobs/{digest}")).status == 200
+        for digest, data in image.blobs.items():
+            assert await (await proxy.get(f"/v2/fake/lib/app/blobs/{digest}")).read() == data
     page = await fetch(proxy, "/ui/upstreams")
     row = page[page.index("<strong>fake</strong>") :]
     assert str(upstream.base_url) in row
