@@ -55,9 +55,7 @@ def test_json_lines_parse(restore_logging: None) -> None:
 def test_text_is_readable(restore_logging: None) -> None:
     lines = _emit("text")
     assert lines[0].endswith("WARNING regproxy.test upstream docker.io: answered 429")
-    assert lines[1].endswith(
-        "GET /v2/x/blobs/y 200 method=GET path=/v2/x/blobs/y status=200 bytes=42"
-    )
+    assert lines[1].endswith("INFO regproxy.access GET /v2/x/blobs/y 200 bytes=42")
     assert "Traceback (most recent call last):" in lines[3]
 
 

@@ -16,6 +16,8 @@ import time
 from typing import Any, Final, TextIO
 
 ACCESS_FIELDS: Final = "access"
+# Access fields the text format leaves out: the message ("GET /v2/... 200") has them.
+_IN_ACCESS_MESSAGE: Final = frozenset({"method", "path", "status"})
 # How aiohttp's HTTP parsers (C and Python) report a request starting with a TLS record.
 _TLS_MARKER: Final = "HTTPS traffic on an HTTP port"
 
@@ -51,7 +53,9 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, ACCESS_FIELDS, None)
         if isinstance(fields, dict):
             extra = " ".join(
-                f"{key}={_text(value)}" for key, value in fields.items() if value not in (None, "")
+                f"{key}={_text(value)}"
+                for key, value in fields.items()
+                if value not in (None, "") and key not in _IN_ACCESS_MESSAGE
             )
             if extra:
                 line = f"{line} {extra}"
