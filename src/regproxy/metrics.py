@@ -269,6 +269,11 @@ class Metrics:
         self.gc_freed_bytes = Counter(
             "registry_gc_freed_bytes", "Blob bytes garbage collection freed.", registry=r
         )
+        self.upload_purges = Counter(
+            "registry_upload_purges",
+            "Sweeps for abandoned uploads (their count is registry_gc_deleted_total{kind=upload}).",
+            registry=r,
+        )
         self.eviction_runs = Counter(
             "registry_eviction_runs", "Cache eviction runs, by upstream.", ["upstream"], registry=r
         )
@@ -356,6 +361,11 @@ class Metrics:
     def login_failed(self, reason: str) -> None:
         """``reason``: "password" (wrong password or unknown user) or "locked_out"."""
         self.login_failures.labels(reason).inc()
+
+    def uploads_purged(self, count: int) -> None:
+        """One sweep of abandoned uploads (tasks.py): counted as garbage of kind "upload"."""
+        self.upload_purges.inc()
+        self.gc_deleted.labels("upload").inc(count)
 
     def gc_finished(self, deleted: dict[str, int], freed_bytes: int) -> None:
         """One garbage collection run: objects deleted by kind, blob bytes freed."""

@@ -10,6 +10,7 @@ from contextlib import suppress
 from aiohttp import web
 
 from regproxy.api.keys import CONFIG
+from regproxy.metrics import METRICS, Metrics
 from regproxy.registry.hosted import HostedRegistry
 
 log = logging.getLogger(__name__)
@@ -17,10 +18,13 @@ log = logging.getLogger(__name__)
 HOSTED = web.AppKey("hosted", HostedRegistry)
 
 
-async def _purge_uploads(hosted: HostedRegistry, max_age: float, interval: float) -> None:
+async def _purge_uploads(
+    hosted: HostedRegistry, max_age: float, interval: float, metrics: Metrics
+) -> None:
     while True:
         try:
             purged = await hosted.purge_stale_uploads(max_age)
+            metrics.uploads_purged(purged)
             if purged:
                 log.info("purged %d abandoned upload(s)", purged)
         except Exception:
@@ -31,7 +35,9 @@ async def _purge_uploads(hosted: HostedRegistry, max_age: float, interval: float
 async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     task = asyncio.create_task(
-        _purge_uploads(app[HOSTED], config.uploads.max_age, config.uploads.purge_interval)
+        _purge_uploads(
+            app[HOSTED], config.uploads.max_age, config.uploads.purge_interval, app[METRICS]
+        )
     )
     yield
     task.cancel()
