@@ -9,6 +9,7 @@ is sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from regproxy.api.middleware import AccessLogger
 from regproxy.app import create_app
 from regproxy.config import Config
+from regproxy.logs import ACCESS_FIELDS
 from regproxy.metrics import METRICS
 from tests.helpers import Client, app_of, make_config, push_image
 from tests.proxy.fakeupstream import FakeUpstream
@@ -76,8 +78,9 @@ async def pull(client: Client, repo: str, reference: str, blobs: list[str]) -> i
 
 
 async def test_metrics_after_a_workload(
-    start_app: StartApp, upstream: FakeUpstream, tmp_path: Path
+    start_app: StartApp, upstream: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
     assert upstream.base_url is not None
     config = make_config(tmp_path, upstreams={"fake": {"url": str(upstream.base_url)}})
     client = await start_app(config)
@@ -177,6 +180,19 @@ async def test_metrics_after_a_workload(
     commits = len(hosted.blobs) + blobs + 1
     commit = {"driver": "filesystem", "action": "commit"}
     assert value(m, "registry_storage_action_seconds_count", **commit) == commits
+
+    # The access lines say the same, request by request.
+    # (the fake upstream logs to aiohttp.access too, without the fields)
+    access = [getattr(r, ACCESS_FIELDS) for r in caplog.records if hasattr(r, ACCESS_FIELDS)]
+    big_pulls = [a for a in access if a["path"] == f"/v2/fake/lib/big/blobs/{big_digest}"]
+    assert sorted(a["outcome"] for a in big_pulls) == ["joined"] * 7 + ["miss"]
+    assert all(a["bytes"] == len(big) and a["upstream"] == "fake" for a in big_pulls)
+    image_pulls = [a for a in access if a["path"].startswith("/v2/fake/lib/app/")]
+    assert [a["outcome"] for a in image_pulls] == ["miss"] * (1 + blobs) + ["hit"] * (1 + blobs)
+    hosted_pulls = [a for a in access if a["path"].startswith("/v2/team/app/")]
+    assert {a["outcome"] for a in hosted_pulls} == {None}
+    refused_line = next(a for a in access if a["path"] == "/v2/fake/lib/other/manifests/v1")
+    assert (refused_line["status"], refused_line["outcome"]) == (429, "miss")
 
 
 async def test_metrics_on_a_separate_listener(

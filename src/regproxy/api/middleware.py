@@ -203,8 +203,8 @@ class AccessLogger(AbstractAccessLogger):
             "remote": request.remote,
             "user": getattr(caller, "user", None),
             "handler": name,
-            "upstream": outcome.upstream if outcome is not None else None,
-            "outcome": outcome.outcome if outcome is not None else None,
+            "upstream": (outcome.upstream or None) if outcome is not None else None,
+            "outcome": (outcome.outcome or None) if outcome is not None else None,
         }
         if not completed:
             fields["complete"] = False
