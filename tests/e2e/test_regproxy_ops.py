@@ -252,3 +252,41 @@ async def test_cache_warm_then_pull_with_the_upstream_down(
                         assert resp.status == 200
                         assert await resp.read() == blob
     assert fake.total() == 0  # tags within their TTL, digests forever: nothing asked upstream
+
+
+async def test_readyz_during_drain(tmp_path: Path) -> None:
+    """From SIGTERM on /readyz answers 503 (on a connection made before), while an upload
+    still in flight finishes."""
+    async with regproxy(tmp_path, config="shutdown_timeout = 30.0\n") as server:
+        release = asyncio.Event()
+
+        async def body() -> Any:
+            yield b"first part "
+            await release.wait()
+            yield b"and the rest"
+
+        async with (
+            aiohttp.ClientSession() as uploads,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as probe,
+        ):
+            async with uploads.post(f"{server.url}/v2/team/app/blobs/uploads/") as resp:
+                assert resp.status == 202
+                location = resp.headers["Location"]
+            patch = asyncio.create_task(uploads.patch(f"{server.url}{location}", data=body()))
+            async with probe.get(f"{server.url}/readyz") as resp:
+                assert resp.status == 200
+            await asyncio.sleep(0.5)  # the PATCH is in flight
+            server.process.proc.terminate()
+            draining = None
+            for _ in range(100):
+                async with probe.get(f"{server.url}/readyz") as resp:
+                    if resp.status == 503:
+                        draining = await resp.json()
+                        break
+                await asyncio.sleep(0.05)
+            assert draining == {"status": "draining"}
+            release.set()
+            done = await patch
+            assert done.status == 202
+            done.release()
+        assert await server.process.proc.wait() == 0
