@@ -130,7 +130,8 @@ async def test_json_logs_startup_line_and_sendfile_bytes(tmp_path: Path) -> None
 
 async def test_tls_probe_is_one_debug_line(tmp_path: Path) -> None:
     """skopeo and podman try TLS first: no access line, no traceback, one debug line."""
-    async with regproxy(tmp_path, config='log_level = "debug"\n') as server:
+    config = 'log_level = "debug"\nlog_format = "text"\n'
+    async with regproxy(tmp_path, config=config) as server:
         _, writer = await asyncio.open_connection("127.0.0.1", server.port)
         context = ssl.create_default_context()
         with pytest.raises((ssl.SSLError, ConnectionError)):
