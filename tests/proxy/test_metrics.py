@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from blockbuster import BlockBuster
@@ -214,3 +215,30 @@ async def test_metrics_disabled(start_app: StartApp, tmp_path: Path) -> None:
     resp = await client.get("/metrics")
     assert resp.status == 404
     assert (await resp.json())["errors"][0]["code"] == "NOT_FOUND"
+
+
+async def test_access_line_of_a_stream_cut_short(
+    start_app: StartApp, upstream: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream breaks off mid-blob: the client's connection is cut, and its access line
+    says so, with the body bytes written before the cut."""
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    assert upstream.base_url is not None
+    config = make_config(tmp_path, upstreams={"fake": {"url": str(upstream.base_url)}})
+    client = await start_app(config)
+    data = bytes(range(256)) * 16384  # 4 MiB
+    digest = upstream.add_blob("lib/app", data)
+    upstream.fail_after = {digest: 2 * 1024 * 1024 + 5}
+    resp = await client.get(f"/v2/fake/lib/app/blobs/{digest}")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    for _ in range(100):  # the access line is written once the handler is done
+        lines = [getattr(r, ACCESS_FIELDS) for r in caplog.records if hasattr(r, ACCESS_FIELDS)]
+        if lines:
+            break
+        await asyncio.sleep(0.02)
+    (line,) = lines
+    assert line["complete"] is False
+    assert 0 < line["bytes"] <= 2 * 1024 * 1024 + 5
+    assert line["outcome"] == "miss"

@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from regproxy import oci
+from regproxy.api.keys import BODY_SENT
 from regproxy.api.request import OCI_NAMESPACE
 from regproxy.api.routes import HANDLER_NAMES
 from regproxy.auth.service import CALLER
@@ -112,8 +113,6 @@ async def add_common_headers(request: web.Request, response: web.StreamResponse)
 
 # Request key: what the pull-through cache did for this request (filled in by the cache).
 PULL_OUTCOME = web.RequestKey("pull_outcome", PullOutcome)
-# Request key: body bytes a handler streamed itself (written before a failure cut it short).
-BODY_SENT = web.RequestKey("body_sent", int)
 # The request line aiohttp could not parse at all gets this placeholder method.
 _UNPARSED = "UNKNOWN"
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -155,16 +154,21 @@ def _header_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int
 
 
 def body_bytes_sent(request: web.BaseRequest, response: web.StreamResponse) -> tuple[int, bool]:
-    """(body bytes sent, whether the response completed).
+    """(body bytes sent, whether the whole body went out).
 
     aiohttp's ``body_length`` counts the headers too, is only set once the response ended,
-    and misses what sendfile sent (FileResponse). So: a completed response with a
-    Content-Length sent exactly that many body bytes (sendfile included); a completed chunked
-    one sent its output minus the headers; one cut short sent what its handler recorded.
+    and misses what sendfile sent (FileResponse). So: a handler that streams its body itself
+    records what it wrote (``BODY_SENT``); otherwise a completed response with a
+    Content-Length sent exactly that many body bytes (sendfile included), and a completed
+    chunked one its output minus the headers.
     """
+    streamed = request.get(BODY_SENT)
+    if streamed is not None:
+        expected = response.content_length
+        return streamed, expected is None or streamed == expected
     completed = response.prepared and response.body_length > 0
     if not completed:
-        return request.get(BODY_SENT, 0), False
+        return 0, False
     if request.method == "HEAD" or response.status in _NO_BODY_STATUSES:
         return 0, True
     if response.content_length is not None:
