@@ -126,12 +126,19 @@ def serve(config: Config) -> int:
             )
         )
     except ConfigError as exc:  # found at start-up, e.g. an S3 bucket that does not exist
-        print(f"regproxy: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _cannot_start(config, f"configuration error: {exc}")
     except StartupError as exc:  # a port in use, a data directory it cannot use
-        print(f"regproxy: {exc}", file=sys.stderr)
-        return 2
+        return _cannot_start(config, str(exc))
     return 0
+
+
+def _cannot_start(config: Config, message: str) -> int:
+    """One line on stderr (a JSON object with log_format = "json"), exit status 2."""
+    if config.log_format == "json":
+        logging.getLogger("regproxy").error("%s", message)
+    else:
+        print(f"regproxy: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

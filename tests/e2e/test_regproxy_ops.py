@@ -52,12 +52,15 @@ async def push_blob(session: aiohttp.ClientSession, url: str, repo: str, data: b
 # -- start-up errors -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["port in use", "data is a file", "uncreatable", "unwritable"])
+@pytest.mark.parametrize(
+    "case", ["port in use", "data is a file", "uncreatable", "unwritable", "port in use, json"]
+)
 async def test_startup_error_is_one_line_and_exit_2(tmp_path: Path, case: str) -> None:
     data = tmp_path / "data"
     port = free_port()
     holder: socket.socket | None = None
-    if case == "port in use":
+    env = regproxy_env()
+    if case.startswith("port in use"):
         holder = socket.socket()
         holder.bind(("127.0.0.1", port))
         holder.listen()
@@ -71,7 +74,7 @@ async def test_startup_error_is_one_line_and_exit_2(tmp_path: Path, case: str) -
     try:
         rc, out, err = await run(
             cli("serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data)),
-            env=regproxy_env(),
+            env={**env, "REGPROXY_LOG_FORMAT": "json" if "json" in case else "text"},
             timeout=60,
         )
     finally:
@@ -80,7 +83,13 @@ async def test_startup_error_is_one_line_and_exit_2(tmp_path: Path, case: str) -
     assert rc == 2, (out, err)
     lines = err.splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("regproxy: ") and "Traceback" not in err
+    assert "Traceback" not in err
+    if "json" in case:
+        record = json.loads(lines[0])
+        assert record["level"] == "error" and record["logger"] == "regproxy"
+        assert record["message"] == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+        return
+    assert lines[0].startswith("regproxy: ")
     expected = {
         "port in use": f"cannot listen on 127.0.0.1:{port}: Address already in use",
         "data is a file": f"data directory {data} is a file, not a directory",
