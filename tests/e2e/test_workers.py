@@ -84,6 +84,12 @@ async def fresh_connection_gets(url: str, count: int) -> None:
                 assert resp.status == 200, await resp.text()
 
 
+def log_messages(server: RegproxyProcess) -> list[str]:
+    """The message of each line of the log (JSON lines, or text)."""
+    lines = server.log_path.read_text().splitlines()
+    return [json.loads(line)["message"] if line.startswith("{") else line for line in lines]
+
+
 def access_pids(server: RegproxyProcess) -> set[int]:
     text = server.log_path.read_text()
     pids = {int(pid) for pid in ACCESS_PID_RE.findall(text)}
@@ -109,7 +115,7 @@ async def test_two_workers_share_the_port(tmp_path: Path) -> None:
         await push(image, f"docker://{server.host}/w/app:v1")
         for n in range(3):
             await pull(f"docker://{server.host}/w/app:v1", image, tmp_path / f"back-{n}")
-        log = server.log_path.read_text()
+        log = "\n".join(log_messages(server))
         assert 'share metadata.backend = "sqlite" and storage.backend = "filesystem"' in log
         rc = await server.stop()
         assert rc == 0, server.log_tail()

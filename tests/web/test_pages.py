@@ -285,7 +285,10 @@ async def test_upstreams_page_fills_in_progress(
     proxy = await make_proxy()
     pull = asyncio.create_task(proxy.get(f"/v2/fake/lib/app/blobs/{digest}"))
     await asyncio.wait_for(upstream.first_sent.wait(), 10)
-    fills = app_of(proxy)[PULL_THROUGH].fills_in_progress()
+    registry = app_of(proxy)[PULL_THROUGH]
+    async with asyncio.timeout(10):  # the size is known once the fill has read the answer
+        while not (fills := registry.fills_in_progress()) or fills[0].size is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
     assert [str(f.digest) for f in fills] == [digest] and fills[0].size == len(big)
     page = await fetch(proxy, "/ui/upstreams")
     assert digest in section(page, "Fills in progress") and "fake/lib/app" in page
