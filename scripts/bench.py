@@ -36,7 +36,7 @@ Workload (every blob push is of fresh content, so deduplication never short-circ
 ``--workers N`` starts regproxy with ``serve --workers N`` (server CPU then counts all its
 processes). ``--only`` runs some groups of rows (``pushes``, ``small``, ``gets``,
 ``manifests``, ``wrk``, ``tags``; the GET rows and the wrk rows push what they read
-themselves), e.g. to profile one of them (scripts/profile.sh).
+themselves, ``tags`` needs ``manifests``), e.g. to profile one of them (scripts/profile.sh).
 
 The ``target`` column is the ratio issue 10 asks for (filesystem mode), with ``ok`` where
 this run met it; big-push targets apply from 64 MiB blobs on, the ``wrk``/``ab`` rows'
@@ -1008,11 +1008,13 @@ class Bench:
         repo, tag = "bench/loadgen", "latest"
         config = json.dumps({"architecture": "amd64", "os": "linux", "tag": tag}).encode()
         layer = os.urandom(1024)
+        others = self.config, self.layer  # what the tag-list row's manifests reference
         for t in self.targets:
             self.config = (await push_small(t, repo, config), len(config))
             self.layer = (await push_small(t, repo, layer), len(layer))
             await self.put_manifest(t, repo, tag, self.manifest(tag))
         content = self.manifest(tag)  # the same bytes on both
+        self.config, self.layer = others
         digest = "sha256:" + hashlib.sha256(content).hexdigest()
         target = 10.0 if self.s.workers >= 2 else 7.0
         conns, seconds = LOADGEN_CONNECTIONS, self.s.loadgen_seconds
