@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
@@ -16,6 +17,9 @@ from regproxy.auth.middleware import auth_middleware
 from regproxy.auth.rules import upstream_prefixes
 from regproxy.auth.service import AUTH, build_authenticator
 from regproxy.config import Config, UpstreamConfig
+from regproxy.lifecycle.eviction import EVICTOR, CacheEvictor
+from regproxy.lifecycle.pulls import PULLS, PullRecorder
+from regproxy.meta.base import MetadataStore
 from regproxy.meta.sqlite import SqliteMetadataStore
 from regproxy.proxy.pullthrough import PullThroughRegistry
 from regproxy.proxy.upstream import Upstream
@@ -25,6 +29,8 @@ from regproxy.storage.base import BlobStore
 from regproxy.storage.filesystem import FilesystemBlobStore
 from regproxy.storage.s3 import S3BlobStore
 from regproxy.tasks import HOSTED, background_tasks
+
+PROXY = web.AppKey("proxy", PullThroughRegistry)
 
 
 @contextlib.asynccontextmanager
@@ -40,16 +46,23 @@ async def _blob_store(config: Config) -> AsyncIterator[BlobStore]:
         await storage.close()
 
 
-async def _stores(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
+@contextlib.asynccontextmanager
+async def open_stores(config: Config) -> AsyncIterator[tuple[MetadataStore, BlobStore]]:
+    """The metadata store and the blob store, for serving and for the lifecycle commands."""
     config.data_path.mkdir(parents=True, exist_ok=True)
     meta = await SqliteMetadataStore.open(config.data_path / "metadata.sqlite")
     try:
         async with _blob_store(config) as storage:
-            app[HOSTED] = HostedRegistry(meta, storage)
-            yield
+            yield meta, storage
     finally:
         await meta.close()
+
+
+async def _stores(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    async with open_stores(config) as (meta, storage):
+        app[HOSTED] = HostedRegistry(meta, storage, gc_grace=config.gc.grace)
+        yield
 
 
 def _client_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
@@ -75,13 +88,45 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     proxy = PullThroughRegistry(
         app[HOSTED], upstreams, config.data_path / "spool", config.limits.manifest_max_bytes
     )
-    app[REGISTRY] = RegistryRouter(app[HOSTED], proxy, config.default_upstream)
+    app[PROXY] = proxy
+    app[REGISTRY] = RegistryRouter(
+        app[HOSTED], proxy, config.default_upstream, on_pull=app[PULLS].record
+    )
     try:
         yield
     finally:
         await proxy.close()
         for session in sessions.values():
             await session.close()
+
+
+async def _pull_recorder(app: web.Application) -> AsyncIterator[None]:
+    """Pull times, batched in memory and written every cache.pull_flush_interval seconds."""
+    recorder = PullRecorder(app[HOSTED].meta, app[CONFIG].cache.pull_flush_interval)
+    app[PULLS] = recorder
+    task = asyncio.create_task(recorder.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await recorder.close()  # the pulls since the last flush
+
+
+async def _cache_evictor(app: web.Application) -> AsyncIterator[None]:
+    """Cache eviction after each fill (and for GC passes in this process)."""
+    proxy = app[PROXY]
+    hosted = app[HOSTED]
+    evictor = CacheEvictor(
+        hosted.meta, hosted.storage, app[CONFIG], pulls=app[PULLS], in_use=proxy.filling
+    )
+    app[EVICTOR] = evictor
+    proxy.on_fill_done = evictor.fill_done
+    try:
+        yield
+    finally:
+        proxy.on_fill_done = None
+        await evictor.close()
 
 
 def create_app(config: Config) -> web.Application:
@@ -94,7 +139,9 @@ def create_app(config: Config) -> web.Application:
     app[AUTH] = auth
     app[IN_FLIGHT] = in_flight
     app.cleanup_ctx.append(_stores)
+    app.cleanup_ctx.append(_pull_recorder)
     app.cleanup_ctx.append(_registry)
+    app.cleanup_ctx.append(_cache_evictor)
     app.cleanup_ctx.append(background_tasks)
     app.on_response_prepare.append(add_common_headers)
     add_routes(app)

@@ -8,8 +8,10 @@ the file: ``BEGIN IMMEDIATE`` and a busy timeout serialize their writers.
 from __future__ import annotations
 
 import asyncio
+import errno
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -17,7 +19,17 @@ from typing import Any
 
 import aiosqlite
 
-from regproxy.meta.base import BlobRow, ManifestRow, Reference, UploadRow
+from regproxy.meta.base import (
+    BlobRow,
+    CachedImage,
+    CacheUsage,
+    GarbageBatch,
+    GarbageManifest,
+    ManifestRow,
+    Reference,
+    TagRow,
+    UploadRow,
+)
 from regproxy.oci import Digest
 
 _PRAGMAS = (
@@ -29,6 +41,40 @@ _PRAGMAS = (
 # References checked per query (two bound parameters each).
 _REFERENCE_BATCH = 500
 _MANIFEST_COLUMNS = "m.digest, m.media_type, m.content, m.subject, m.artifact_type"
+
+# -- the garbage rules (one place; a PostgreSQL backend copies them) ----------------------------
+# A blob (alias b) is unused when no manifest of any repository references it, no repository
+# linked it since :before (pushed, mounted, or confirmed by a HEAD/GET), and its row is older
+# than :before. Named parameter :before only. No upload "produces" a row: an upload has no
+# digest until it finishes, and finishing inserts or links the row in one write transaction.
+_BLOB_UNUSED = (
+    "NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.child = b.digest)"
+    " AND NOT EXISTS (SELECT 1 FROM repository_blobs l"
+    "   WHERE l.digest = b.digest AND l.linked >= :before)"
+    " AND b.created < :before"
+)
+# A manifest (alias m) is garbage, when untagged manifests are collected, if no tag names it,
+# no index of its repository lists it, it is not a referrer of a subject manifest that exists
+# in its repository (a subject is not kept alive by its referrers), and it is older than
+# :before.
+_MANIFEST_UNUSED = (
+    "NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)"
+    " AND NOT EXISTS (SELECT 1 FROM manifest_references r"
+    "   WHERE r.child = m.digest AND r.repo = m.repo AND r.is_manifest = 1)"
+    " AND (m.subject IS NULL OR NOT EXISTS (SELECT 1 FROM manifests s"
+    "   WHERE s.repo = m.repo AND s.digest = m.subject))"
+    " AND m.created < :before"
+)
+# A link (alias l) is stale when no manifest of its repository references the blob and it was
+# not refreshed since :before: the blob leaves that repository (and, with its last link and
+# manifest, the repository leaves repository_exists).
+_LINK_STALE = (
+    "l.linked < :before AND NOT EXISTS (SELECT 1 FROM manifest_references r"
+    "   WHERE r.child = l.digest AND r.repo = l.repo)"
+)
+# Rounds over the manifests while a round still finds garbage (an index or subject deleted in
+# one round frees its children or referrers in the next).
+_MANIFEST_ROUNDS = 10
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -90,21 +136,28 @@ class SqliteMetadataStore:
                     await db.execute(f"PRAGMA user_version={version}")
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _transaction(self, *, commit: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
+                await self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._writer
+                except BaseException:
+                    if self._writer.in_transaction:  # SQLite may have rolled back already
+                        await self._writer.execute("ROLLBACK")
+                    raise
+                await self._writer.execute("COMMIT" if commit else "ROLLBACK")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                    # The same error as a full disk under the blobs: callers handle one kind.
+                    raise OSError(errno.ENOSPC, "database or disk is full") from exc
                 raise
-            await self._writer.execute("COMMIT")
 
     async def _one(self, sql: str, params: Sequence[Any]) -> Any:
         rows = list(await self._reader.execute_fetchall(sql, params))
         return rows[0] if rows else None
 
-    async def _all(self, sql: str, params: Sequence[Any]) -> list[Any]:
+    async def _all(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
         return list(await self._reader.execute_fetchall(sql, params))
 
     # -- blobs --------------------------------------------------------------------------------
@@ -117,11 +170,11 @@ class SqliteMetadataStore:
 
     async def get_repo_blob(self, repo: str, digest: Digest) -> BlobRow | None:
         row = await self._one(
-            "SELECT b.digest, b.size, b.storage_key FROM repository_blobs r"
+            "SELECT b.digest, b.size, b.storage_key, r.linked FROM repository_blobs r"
             " JOIN blobs b ON b.digest = r.digest WHERE r.repo = ? AND r.digest = ?",
             (repo, str(digest)),
         )
-        return _blob(row) if row else None
+        return BlobRow(Digest.parse(row[0]), row[1], row[2], row[3]) if row else None
 
     async def add_blob(self, repo: str, blob: BlobRow) -> BlobRow:
         async with self._transaction() as db:
@@ -131,8 +184,9 @@ class SqliteMetadataStore:
                 (str(blob.digest), blob.size, blob.storage_key, time.time()),
             )
             await db.execute(
-                "INSERT OR IGNORE INTO repository_blobs (repo, digest) VALUES (?, ?)",
-                (repo, str(blob.digest)),
+                "INSERT INTO repository_blobs (repo, digest, linked) VALUES (?, ?, ?)"
+                " ON CONFLICT (repo, digest) DO UPDATE SET linked = excluded.linked",
+                (repo, str(blob.digest), time.time()),
             )
             rows = list(
                 await db.execute_fetchall(
@@ -142,12 +196,22 @@ class SqliteMetadataStore:
             )
         return _blob(rows[0])
 
-    async def link_blob(self, repo: str, digest: Digest) -> None:
+    async def link_blob(self, repo: str, digest: Digest) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO repository_blobs (repo, digest, linked)"
+                " SELECT ?, digest, ? FROM blobs WHERE digest = ?"
+                " ON CONFLICT (repo, digest) DO UPDATE SET linked = excluded.linked",
+                (repo, time.time(), str(digest)),
+            )
+            return cursor.rowcount > 0
+
+    async def touch_link(self, repo: str, digest: Digest, now: float) -> None:
         async with self._transaction() as db:
             await db.execute(
-                "INSERT OR IGNORE INTO repository_blobs (repo, digest)"
-                " SELECT ?, digest FROM blobs WHERE digest = ?",
-                (repo, str(digest)),
+                "UPDATE repository_blobs SET linked = ? WHERE repo = ? AND digest = ?"
+                " AND linked < ?",
+                (now, repo, str(digest), now),
             )
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
@@ -174,7 +238,11 @@ class SqliteMetadataStore:
         return _blob(rows[0])
 
     async def missing_references(self, repo: str, refs: Iterable[Reference]) -> list[Reference]:
-        refs = list(refs)
+        return await self._missing(self._reader, repo, list(refs))
+
+    async def _missing(
+        self, db: aiosqlite.Connection, repo: str, refs: list[Reference]
+    ) -> list[Reference]:
         absent: set[tuple[str, bool]] = set()
         # A few queries for all of them: a manifest with 50 layers costs one round trip, not
         # 50; batches keep each query under SQLite's limit on bound parameters.
@@ -184,7 +252,7 @@ class SqliteMetadataStore:
             for ref in batch:
                 params += [str(ref.digest), int(ref.is_manifest)]
             values = ", ".join("(?, ?)" for _ in batch)
-            rows = await self._all(
+            rows = await db.execute_fetchall(
                 f"WITH wanted(digest, is_manifest) AS (VALUES {values})"
                 " SELECT w.digest, w.is_manifest FROM wanted w WHERE NOT ("
                 " (w.is_manifest = 1 AND EXISTS (SELECT 1 FROM manifests m"
@@ -214,11 +282,23 @@ class SqliteMetadataStore:
         return _manifest(row) if row else None
 
     async def put_manifest(
-        self, repo: str, manifest: ManifestRow, refs: Sequence[Reference], tags: Sequence[str]
-    ) -> None:
+        self,
+        repo: str,
+        manifest: ManifestRow,
+        refs: Sequence[Reference],
+        tags: Sequence[str],
+        *,
+        check_references: bool = False,
+    ) -> list[Reference]:
         now = time.time()
         digest = str(manifest.digest)
         async with self._transaction() as db:
+            if check_references:
+                # In the write transaction: no GC can delete a blob between this check and
+                # the insert of the references that keep it alive.
+                missing = await self._missing(db, repo, list(refs))
+                if missing:
+                    return missing
             await db.execute(
                 "INSERT OR IGNORE INTO manifests"
                 " (repo, digest, media_type, content, subject, artifact_type, created)"
@@ -244,6 +324,7 @@ class SqliteMetadataStore:
                 " updated = excluded.updated",
                 [(repo, tag, digest, now) for tag in tags],
             )
+        return []
 
     async def delete_manifest(self, repo: str, digest: Digest) -> bool:
         key = str(digest)
@@ -301,6 +382,186 @@ class SqliteMetadataStore:
         rows = await self._all(sql + " ORDER BY m.digest", params)
         return [_manifest(row) for row in rows]
 
+    # -- garbage collection and checks --------------------------------------------------------
+
+    async def collect_garbage(
+        self,
+        before: float,
+        *,
+        untagged: bool,
+        skip_prefixes: Sequence[str] = (),
+        batch: int = 500,
+        dry_run: bool = False,
+    ) -> AsyncGenerator[GarbageBatch, None]:
+        if dry_run:
+            # One transaction, rolled back: what later stages would find includes what the
+            # earlier ones "deleted" (a deleted manifest frees its blobs).
+            async with self._transaction(commit=False) as db:
+                async for found in self._collect(db, before, untagged, skip_prefixes, batch):
+                    yield found
+            return
+        async for found in self._collect(None, before, untagged, skip_prefixes, batch):
+            yield found
+
+    async def _collect(
+        self,
+        db: aiosqlite.Connection | None,
+        before: float,
+        untagged: bool,
+        skip_prefixes: Sequence[str],
+        batch: int,
+    ) -> AsyncGenerator[GarbageBatch, None]:
+        @asynccontextmanager
+        async def step() -> AsyncIterator[aiosqlite.Connection]:
+            if db is not None:
+                yield db
+            else:
+                async with self._transaction() as conn:
+                    yield conn
+
+        for _ in range(_MANIFEST_ROUNDS if untagged else 0):
+            after: tuple[str, str] = ("", "")
+            found_any = False
+            while True:
+                async with step() as conn:
+                    manifests = await self._gc_manifests(conn, before, skip_prefixes, after, batch)
+                if not manifests:
+                    break
+                found_any = True
+                after = (manifests[-1].repo, str(manifests[-1].digest))
+                yield GarbageBatch(manifests, 0, [])
+            if not found_any:
+                break
+        after = ("", "")
+        while True:
+            async with step() as conn:
+                links, after = await self._gc_links(conn, before, after, batch)
+            if not links:
+                break
+            yield GarbageBatch([], links, [])
+        last = ""
+        while True:
+            async with step() as conn:
+                blobs = await self._gc_blobs(conn, before, last, batch)
+            if not blobs:
+                break
+            last = str(blobs[-1].digest)
+            yield GarbageBatch([], 0, blobs)
+
+    @staticmethod
+    async def _gc_manifests(
+        db: aiosqlite.Connection,
+        before: float,
+        skip_prefixes: Sequence[str],
+        after: tuple[str, str],
+        limit: int,
+    ) -> list[GarbageManifest]:
+        params: dict[str, Any] = {
+            "before": before,
+            "repo": after[0],
+            "digest": after[1],
+            "limit": limit,
+        }
+        skip = ""
+        for i, prefix in enumerate(skip_prefixes):
+            params[f"p{i}"] = prefix
+            skip += f" AND substr(m.repo, 1, length(:p{i})) != :p{i}"
+        rows = await db.execute_fetchall(
+            "SELECT m.repo, m.digest, length(m.content) FROM manifests m"
+            f" WHERE (m.repo, m.digest) > (:repo, :digest) AND {_MANIFEST_UNUSED}{skip}"
+            " ORDER BY m.repo, m.digest LIMIT :limit",
+            params,
+        )
+        found = [GarbageManifest(row[0], Digest.parse(row[1]), row[2]) for row in rows]
+        keys = [(m.repo, str(m.digest)) for m in found]
+        await db.executemany("DELETE FROM manifest_references WHERE repo = ? AND digest = ?", keys)
+        await db.executemany("DELETE FROM manifests WHERE repo = ? AND digest = ?", keys)
+        return found
+
+    @staticmethod
+    async def _gc_links(
+        db: aiosqlite.Connection, before: float, after: tuple[str, str], limit: int
+    ) -> tuple[int, tuple[str, str]]:
+        rows = list(
+            await db.execute_fetchall(
+                "SELECT l.repo, l.digest FROM repository_blobs l"
+                f" WHERE (l.repo, l.digest) > (:repo, :digest) AND {_LINK_STALE}"
+                " ORDER BY l.repo, l.digest LIMIT :limit",
+                {"before": before, "repo": after[0], "digest": after[1], "limit": limit},
+            )
+        )
+        if not rows:
+            return 0, after
+        await db.executemany(
+            "DELETE FROM repository_blobs WHERE repo = ? AND digest = ?",
+            [(row[0], row[1]) for row in rows],
+        )
+        return len(rows), (rows[-1][0], rows[-1][1])
+
+    @staticmethod
+    async def _gc_blobs(
+        db: aiosqlite.Connection, before: float, after: str, limit: int
+    ) -> list[BlobRow]:
+        rows = await db.execute_fetchall(
+            "SELECT b.digest, b.size, b.storage_key FROM blobs b"
+            f" WHERE b.digest > :after AND {_BLOB_UNUSED} ORDER BY b.digest LIMIT :limit",
+            {"before": before, "after": after, "limit": limit},
+        )
+        found = [_blob(row) for row in rows]
+        digests = [(str(blob.digest),) for blob in found]
+        # Its remaining links are all stale (the rule says so): the blob leaves every repository.
+        await db.executemany("DELETE FROM repository_blobs WHERE digest = ?", digests)
+        await db.executemany("DELETE FROM blobs WHERE digest = ?", digests)
+        return found
+
+    async def list_blobs(self, after: str, limit: int) -> list[BlobRow]:
+        rows = await self._all(
+            "SELECT digest, size, storage_key FROM blobs WHERE digest > ? ORDER BY digest LIMIT ?",
+            (after, limit),
+        )
+        return [_blob(row) for row in rows]
+
+    async def known_blob_keys(self, keys: Sequence[str]) -> set[str]:
+        return await self._known("SELECT storage_key FROM blobs WHERE storage_key IN", keys)
+
+    async def known_upload_ids(self, upload_ids: Sequence[str]) -> set[str]:
+        return await self._known("SELECT id FROM uploads WHERE id IN", upload_ids)
+
+    async def _known(self, select: str, values: Sequence[str]) -> set[str]:
+        known: set[str] = set()
+        for start in range(0, len(values), _REFERENCE_BATCH):
+            batch = list(values[start : start + _REFERENCE_BATCH])
+            marks = ", ".join("?" for _ in batch)
+            known.update(row[0] for row in await self._all(f"{select} ({marks})", batch))
+        return known
+
+    async def blob_repositories(self, digest: Digest) -> list[str]:
+        rows = await self._all(
+            "SELECT repo FROM repository_blobs WHERE digest = ?"
+            " UNION SELECT repo FROM manifest_references WHERE child = ? ORDER BY 1",
+            (str(digest), str(digest)),
+        )
+        return [row[0] for row in rows]
+
+    async def forget_cached_blob(self, digest: Digest, prefixes: Sequence[str]) -> BlobRow | None:
+        key = str(digest)
+        async with self._transaction() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT digest, size, storage_key FROM blobs WHERE digest = ?", (key,)
+                )
+            )
+            users = await db.execute_fetchall(
+                "SELECT repo FROM repository_blobs WHERE digest = ?"
+                " UNION SELECT repo FROM manifest_references WHERE child = ?",
+                (key, key),
+            )
+            if not rows or any(not row[0].startswith(tuple(prefixes)) for row in users):
+                return None
+            await db.execute("DELETE FROM repository_blobs WHERE digest = ?", (key,))
+            await db.execute("DELETE FROM blobs WHERE digest = ?", (key,))
+        return _blob(rows[0])
+
     # -- uploads ------------------------------------------------------------------------------
 
     async def create_upload(self, upload: UploadRow) -> None:
@@ -355,3 +616,194 @@ class SqliteMetadataStore:
             (before,),
         )
         return [UploadRow(*row) for row in rows]
+
+    # -- retention and cache eviction ---------------------------------------------------------
+
+    async def record_pulls(self, pulls: Sequence[tuple[str, Digest, float]]) -> None:
+        if not pulls:
+            return
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE manifests SET last_pulled = :at WHERE repo = :repo AND digest = :digest"
+                " AND (last_pulled IS NULL OR last_pulled < :at)",
+                [{"repo": repo, "digest": str(digest), "at": at} for repo, digest, at in pulls],
+            )
+
+    async def expendable_tags(
+        self, repo: str, keep_last: int, pulled_before: float | None
+    ) -> list[TagRow]:
+        # A tag is used when it was pushed or its manifest pulled (by tag or by digest).
+        rows = await self._all(
+            "WITH ranked AS (SELECT t.tag, t.digest, t.updated,"
+            "   max(t.updated, coalesce(m.last_pulled, 0)) AS used,"
+            "   row_number() OVER (ORDER BY t.updated DESC, t.tag DESC) AS recency"
+            "   FROM tags t LEFT JOIN manifests m ON m.repo = t.repo AND m.digest = t.digest"
+            "   WHERE t.repo = :repo)"
+            " SELECT tag, digest, updated FROM ranked WHERE recency > :keep_last"
+            " AND (:pulled_before IS NULL OR used < :pulled_before) ORDER BY updated, tag",
+            {"repo": repo, "keep_last": keep_last, "pulled_before": pulled_before},
+        )
+        return [TagRow(repo, row[0], Digest.parse(row[1]), row[2]) for row in rows]
+
+    async def delete_tags(self, repo: str, tags: Sequence[TagRow]) -> list[TagRow]:
+        deleted: list[TagRow] = []
+        async with self._transaction() as db:
+            for tag in tags:
+                cursor = await db.execute(
+                    "DELETE FROM tags WHERE repo = ? AND tag = ? AND digest = ? AND updated = ?",
+                    (repo, tag.tag, str(tag.digest), tag.pushed),
+                )
+                if cursor.rowcount > 0:
+                    deleted.append(tag)
+            await _prune_manifests(db, repo, {str(tag.digest) for tag in deleted})
+        return deleted
+
+    async def cache_usage(self, prefixes: Sequence[str]) -> CacheUsage:
+        if not prefixes:
+            return CacheUsage(0, {})
+        names = {f"p{i}": prefix for i, prefix in enumerate(prefixes)}
+        listed = ", ".join(f":{name}" for name in names)
+        # Each blob's owners: the first path component of every repository linking it.
+        rows = await self._all(
+            "WITH links AS (SELECT digest, CASE WHEN instr(repo, '/') > 0"
+            "   THEN substr(repo, 1, instr(repo, '/') - 1) ELSE '' END AS prefix"
+            "   FROM repository_blobs),"
+            " owners AS (SELECT digest, min(prefix) AS lo, max(prefix) AS hi,"
+            f"   sum(CASE WHEN prefix IN ({listed}) THEN 0 ELSE 1 END) AS others"
+            "   FROM links GROUP BY digest)"
+            " SELECT CASE WHEN o.lo = o.hi THEN o.lo ELSE '' END, sum(b.size)"
+            " FROM owners o JOIN blobs b ON b.digest = o.digest WHERE o.others = 0 GROUP BY 1",
+            names,
+        )
+        by_prefix = {row[0]: int(row[1]) for row in rows if row[0]}
+        return CacheUsage(sum(int(row[1]) for row in rows), by_prefix)
+
+    async def cached_images(self, prefix: str, used_before: float, limit: int) -> list[CachedImage]:
+        rows = await self._all(
+            f"WITH roots AS (SELECT m.repo, m.digest, {_IMAGE_USED} AS used FROM manifests m"
+            "   WHERE m.repo >= :lo AND m.repo < :hi AND NOT EXISTS (SELECT 1"
+            "   FROM manifest_references p"
+            "   WHERE p.repo = m.repo AND p.child = m.digest AND p.is_manifest = 1)),"
+            " chosen AS (SELECT repo, digest, used FROM roots WHERE used < :before"
+            "   ORDER BY used, repo, digest LIMIT :limit)"
+            f" SELECT c.repo, c.digest, c.used, {_IMAGE_SIZE} FROM chosen c"
+            " ORDER BY c.used, c.repo, c.digest",
+            {**_prefix_range(prefix), "before": used_before, "limit": limit},
+        )
+        return [CachedImage(row[0], Digest.parse(row[1]), row[2], int(row[3])) for row in rows]
+
+    async def evict_image(self, image: CachedImage) -> bool:
+        key = {"repo": image.repo, "digest": str(image.digest), "used": image.last_used}
+        async with self._transaction() as db:
+            # Still an image (no index took it in), and not pulled since it was chosen.
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT 1 FROM manifests m WHERE m.repo = :repo AND m.digest = :digest"
+                    f" AND {_IMAGE_USED} <= :used AND NOT EXISTS (SELECT 1"
+                    " FROM manifest_references p WHERE p.repo = m.repo AND p.child = m.digest"
+                    " AND p.is_manifest = 1)",
+                    key,
+                )
+            )
+            if not rows:
+                return False
+            await db.execute("DELETE FROM tags WHERE repo = :repo AND digest = :digest", key)
+            await _prune_manifests(db, image.repo, {str(image.digest)})
+        return True
+
+    async def collect_cached_blobs(
+        self,
+        prefixes: Sequence[str],
+        before: float,
+        exclude: Collection[Digest],
+        limit: int,
+        *,
+        dry_run: bool = False,
+    ) -> list[BlobRow]:
+        if not prefixes:
+            return []
+        params: dict[str, Any] = {"before": before, "limit": limit}
+        ranges = []
+        for i, prefix in enumerate(prefixes):
+            bounds = _prefix_range(prefix)
+            params[f"lo{i}"], params[f"hi{i}"] = bounds["lo"], bounds["hi"]
+            ranges.append(f"(l.repo >= :lo{i} AND l.repo < :hi{i})")
+        cached = " OR ".join(ranges)
+        excluded = {f"x{i}": str(digest) for i, digest in enumerate(exclude)}
+        params.update(excluded)
+        skip = f" AND b.digest NOT IN ({', '.join(':' + n for n in excluded)})" if excluded else ""
+        # Linked from a cache repository, from no other one, and unused by GC's own rule.
+        sql = (
+            "SELECT b.digest, b.size, b.storage_key FROM blobs b"
+            f" WHERE b.digest IN (SELECT l.digest FROM repository_blobs l WHERE {cached})"
+            " AND NOT EXISTS (SELECT 1 FROM repository_blobs l"
+            f"   WHERE l.digest = b.digest AND NOT ({cached}))"
+            f" AND {_BLOB_UNUSED}{skip} LIMIT :limit"
+        )
+        if dry_run:
+            return [_blob(row) for row in await self._all(sql, params)]
+        async with self._transaction() as db:
+            rows = [_blob(row) for row in await db.execute_fetchall(sql, params)]
+            gone = [(str(row.digest),) for row in rows]
+            await db.executemany("DELETE FROM repository_blobs WHERE digest = ?", gone)
+            await db.executemany("DELETE FROM blobs WHERE digest = ?", gone)
+        return rows
+
+
+# When a cached image (alias m) was last used: pulled, or stored if not pulled since, and the
+# same for the manifests an index lists (a client may pull one platform's manifest by digest).
+_IMAGE_USED = (
+    "max(coalesce(m.last_pulled, m.created), coalesce((SELECT max(coalesce(c.last_pulled,"
+    " c.created)) FROM manifest_references r JOIN manifests c"
+    " ON c.repo = r.repo AND c.digest = r.child"
+    " WHERE r.repo = m.repo AND r.digest = m.digest AND r.is_manifest = 1), 0))"
+)
+# The bytes of the blobs an image (alias c) and the manifests it lists reference.
+_IMAGE_SIZE = (
+    "(SELECT coalesce(sum(b.size), 0) FROM blobs b WHERE b.digest IN ("
+    " SELECT r.child FROM manifest_references r"
+    " WHERE r.repo = c.repo AND r.digest = c.digest AND r.is_manifest = 0"
+    " UNION SELECT r2.child FROM manifest_references r1 JOIN manifest_references r2"
+    " ON r2.repo = r1.repo AND r2.digest = r1.child"
+    " WHERE r1.repo = c.repo AND r1.digest = c.digest AND r1.is_manifest = 1"
+    " AND r2.is_manifest = 0))"
+)
+
+
+def _prefix_range(prefix: str) -> dict[str, str]:
+    """Bounds of the repository names under ``<prefix>/``: ``lo <= repo < hi``."""
+    return {"lo": prefix + "/", "hi": prefix + chr(ord("/") + 1)}
+
+
+async def _prune_manifests(db: aiosqlite.Connection, repo: str, digests: set[str]) -> None:
+    """Delete the manifests of ``digests`` that no tag and no index of repo points at any
+    more, then the same for the manifests they listed and their untagged referrers."""
+    pending = list(digests)
+    while pending:
+        digest = pending.pop()
+        key = {"repo": repo, "digest": digest}
+        unused = list(
+            await db.execute_fetchall(
+                "SELECT 1 FROM manifests m WHERE m.repo = :repo AND m.digest = :digest"
+                " AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo"
+                "   AND t.digest = m.digest)"
+                " AND NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.repo = m.repo"
+                "   AND r.child = m.digest AND r.is_manifest = 1)",
+                key,
+            )
+        )
+        if not unused:
+            continue
+        pending += [
+            row[0]
+            for row in await db.execute_fetchall(
+                "SELECT child FROM manifest_references WHERE repo = :repo AND digest = :digest"
+                " AND is_manifest = 1 UNION SELECT digest FROM manifests"
+                " WHERE repo = :repo AND subject = :digest",
+                key,
+            )
+        ]
+        await db.execute(
+            "DELETE FROM manifest_references WHERE repo = :repo AND digest = :digest", key
+        )
+        await db.execute("DELETE FROM manifests WHERE repo = :repo AND digest = :digest", key)

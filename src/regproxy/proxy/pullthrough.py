@@ -15,6 +15,7 @@ exactly like pushed ones.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -27,10 +28,12 @@ from regproxy import oci
 from regproxy.errors import (
     BlobUnknown,
     Denied,
+    DigestInvalid,
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
     RegistryError,
+    StorageFull,
     TooManyRequests,
     Unavailable,
 )
@@ -40,7 +43,7 @@ from regproxy.proxy.auth import TokenError
 from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone
 from regproxy.proxy.upstream import Upstream, UpstreamStatus
 from regproxy.registry.base import ContentRange
-from regproxy.registry.hosted import HostedRegistry
+from regproxy.registry.hosted import HostedRegistry, is_storage_full
 from regproxy.registry.manifest import parse_manifest
 from regproxy.streams import rechunk
 
@@ -88,12 +91,22 @@ class PullThroughRegistry:
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flights: dict[tuple[str, str], asyncio.Future[ManifestRow]] = {}
+        # Called after each fill, stored or not (cache eviction: lifecycle/eviction.py).
+        self.on_fill_done: Callable[[], None] | None = None
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def filling(self) -> frozenset[Digest]:
+        """Digests whose fills are in flight: cache eviction leaves their blobs alone."""
+        return frozenset(fill.digest for fill in self._fills.values())
+
+    def _fill_done(self) -> None:
+        if self.on_fill_done is not None:
+            self.on_fill_done()
 
     def namespace_prefix(self, ns: str) -> str | None:
         for name, upstream in self.upstreams.items():
@@ -141,9 +154,12 @@ class PullThroughRegistry:
         fill = self._fills.get(str(digest))
         if fill is None:
             known = await self.meta.get_blob(digest)
-            if known is not None and await self._upstream_has(upstream, remote, digest):
+            if (
+                known is not None
+                and await self._upstream_has(upstream, remote, digest)
+                and await self.meta.link_blob(repo, digest)  # False: collected meanwhile
+            ):
                 # Stored already (another repository, or pushed): no need to fetch it again.
-                await self.meta.link_blob(repo, digest)
                 return known
             fill = self._fills.get(str(digest)) or self._start_fill(upstream, remote, repo, digest)
         fill.repos.add(repo)
@@ -200,7 +216,22 @@ class PullThroughRegistry:
                     fill.set_size(response.content_length)
                 # Clients see each piece as it arrives; storage and hashing get big chunks.
                 body = rechunk(tee(response.content.iter_any()))
-                await self.hosted.put_blob(repo, digest, body)
+                try:
+                    await self.hosted.put_blob(repo, digest, body)
+                except (StorageFull, OSError) as exc:
+                    # Cache eviction (lifecycle/eviction.py): storage is full, so this fetch
+                    # is served from the spool without being cached; the client never gets an
+                    # error because the cache is full. The rest of the body goes to the spool,
+                    # whose digest is checked before the last byte is released.
+                    if not isinstance(exc, StorageFull) and not is_storage_full(exc):
+                        raise
+                    async for _ in body:
+                        pass
+                    await _verify_spool(fill, digest)
+                    log.warning("storage full: served %s without caching it", digest)
+                    fill.set_size(fill.written)
+                    self._fill_done()
+                    return
             fill.set_size(fill.written)
             for other in fill.repos - {repo}:
                 await self.meta.link_blob(other, digest)
@@ -217,6 +248,7 @@ class PullThroughRegistry:
             else:
                 elapsed = time.monotonic() - started
                 log.info("cached %s, %d bytes, in %.2fs", digest, fill.written, elapsed)
+                self._fill_done()  # cache eviction: this fill may take the cache over budget
 
         self._spawn(run())
         return fill
@@ -399,6 +431,20 @@ class PullThroughRegistry:
 
     async def list_repositories(self, last: str, limit: int) -> list[str]:
         return await self.hosted.list_repositories(last, limit)
+
+
+async def _verify_spool(fill: Fill, digest: Digest) -> None:
+    """Check the digest of a fill's spool (when storage, which checks it otherwise, is full)."""
+
+    def digest_of_spool() -> str:
+        hasher = hashlib.new(digest.algorithm)
+        with open(fill.spool, "rb") as spool:
+            while chunk := spool.read(1 << 20):
+                hasher.update(chunk)
+        return hasher.hexdigest()
+
+    if await asyncio.to_thread(digest_of_spool) != digest.hex:
+        raise DigestInvalid(f"the upstream's bytes for {digest} have another digest")
 
 
 def _blob_error(exc: BaseException, digest: Digest) -> RegistryError:

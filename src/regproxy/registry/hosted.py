@@ -9,6 +9,7 @@ deleted), so a crash at any point leaves at worst unreferenced bytes, never a ro
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import time
@@ -29,6 +30,7 @@ from regproxy.errors import (
     NameUnknown,
     RangeInvalid,
     SizeInvalid,
+    StorageFull,
 )
 from regproxy.meta.base import BlobRow, ManifestRow, MetadataStore, UploadRow
 from regproxy.oci import Digest
@@ -46,10 +48,16 @@ def range_header(offset: int) -> str:
     return f"0-{max(offset - 1, 0)}"
 
 
+def is_storage_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class HostedRegistry:
-    def __init__(self, meta: MetadataStore, storage: BlobStore) -> None:
+    def __init__(self, meta: MetadataStore, storage: BlobStore, *, gc_grace: float = 0.0) -> None:
         self.meta = meta
         self.storage = storage
+        # A blob linked longer ago than this, and referenced by no manifest, is garbage.
+        self.gc_grace = gc_grace
         # The running hash of each upload this process is receiving, valid at an offset.
         # hashlib state cannot be stored; another process re-hashes the stored prefix once.
         self._hashers: dict[str, tuple[int, Hasher]] = {}
@@ -69,6 +77,11 @@ class HostedRegistry:
         blob = await self.meta.get_repo_blob(repo, digest)
         if blob is None:
             raise BlobUnknown(detail={"digest": str(digest)})
+        now = time.time()
+        if self.gc_grace > 0 and blob.linked is not None and blob.linked < now - self.gc_grace / 2:
+            # "It exists": the client may skip the upload and name it in a manifest up to a
+            # grace later. Refreshing at most once per half grace keeps HEADs free of writes.
+            await self.meta.touch_link(repo, digest, now)
         return blob
 
     stat_blob = get_blob
@@ -96,9 +109,8 @@ class HostedRegistry:
             blob = await self.meta.get_repo_blob(source, digest)
         else:
             blob = await self.meta.get_blob(digest)
-        if blob is None:
-            return None
-        await self.meta.link_blob(repo, digest)
+        if blob is None or not await self.meta.link_blob(repo, digest):
+            return None  # not stored, or collected since we looked: the client uploads it
         return blob
 
     # -- uploads ----------------------------------------------------------------------------
@@ -256,15 +268,30 @@ class HostedRegistry:
                     f"Content-Range announced {expected} bytes, the body had {received}"
                 )
             state = "" if keep_open else await writer.suspend()
-        except BaseException:
+        except BaseException as exc:
             # Roll back to the recorded offset: the next writer truncates what came after it.
             self._hashers[upload.id] = (upload.offset, before)
             with suppress(Exception):
                 await writer.release()
+            if is_storage_full(exc):
+                raise await self._storage_full(upload, exc) from exc
             raise
         # Until _record stores the new offset, the hasher matches no recorded offset.
         self._hashers.pop(upload.id, None)
         return writer.size, state
+
+    async def _storage_full(self, upload: UploadRow, exc: BaseException) -> StorageFull:
+        """A full disk ends the upload: nothing partial stays behind to keep the disk full."""
+        log.warning("storage full, dropping upload %s of %s: %s", upload.id, upload.repo, exc)
+        try:
+            await self._forget(upload)
+        except Exception as cleanup:  # the stale-upload purge or the orphan sweep takes it
+            log.warning("could not drop upload %s: %r", upload.id, cleanup)
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        return StorageFull(
+            f"the registry's storage is full ({reason}); nothing of this upload was kept",
+            detail={"upload_id": upload.id},
+        )
 
     async def _record(self, upload: UploadRow, size: int, state: str, hasher: Hasher) -> UploadRow:
         now = time.time()
@@ -313,16 +340,19 @@ class HostedRegistry:
             tags.insert(0, oci.parse_tag(reference))
             digest = Digest.of(content)
         parsed = parse_manifest(content_type, content)
-        missing = await self.meta.missing_references(repo, parsed.references)
+        manifest = ManifestRow(
+            digest, parsed.media_type, content, parsed.subject, parsed.artifact_type
+        )
+        # Checked in the write transaction that stores the manifest: GC either collected a
+        # blob before (a clean error) or sees the new reference and keeps it.
+        missing = await self.meta.put_manifest(
+            repo, manifest, parsed.references, tags, check_references=True
+        )
         if missing:
             raise ManifestBlobUnknown(
                 f"manifest references {len(missing)} unknown blob(s) or manifest(s)",
                 detail=[{"digest": str(ref.digest)} for ref in missing],
             )
-        manifest = ManifestRow(
-            digest, parsed.media_type, content, parsed.subject, parsed.artifact_type
-        )
-        await self.meta.put_manifest(repo, manifest, parsed.references, tags)
         return manifest
 
     async def delete_manifest(self, repo: str, reference: str) -> None:

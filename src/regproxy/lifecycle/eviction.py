@@ -1,0 +1,279 @@
+"""The byte budget of the pull-through cache: evict least recently pulled images.
+
+Cached content is counted by a query, never a counter that could drift: the bytes of the
+blobs that only pull-through repositories link (``cache.max_bytes`` for all of them,
+``upstreams.<name>.max_bytes`` for those under ``<name>/``). A pass
+
+1. evicts the images nobody pulled for ``max_idle`` seconds;
+2. while a budget is exceeded (or, on the filesystem, free space is below
+   ``cache.min_free_bytes``), evicts the least recently pulled images, about as many as the
+   excess, and frees their blobs right away, then measures again.
+
+Evicting an image deletes its tags, its manifest and the manifests an index lists, in one
+transaction that first checks it was not pulled since it was chosen. Its blobs then go by
+GC's own rule (no manifest anywhere references them, not linked within the grace) narrowed
+to cached content: a blob that a hosted repository links is kept, and so is a blob whose
+fill is in flight in this process. Images and blobs used within ``cache.grace`` seconds are
+left alone, which covers pulls that another process is serving. Rows go in a committed
+transaction first, bytes after.
+
+Eviction runs in every GC pass and, through :class:`CacheEvictor`, after each fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import shutil
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from regproxy.config import Config
+from regproxy.lifecycle.pulls import PullRecorder
+from regproxy.meta.base import BlobRow, CachedImage, MetadataStore
+from regproxy.oci import Digest
+from regproxy.storage.base import BlobStore
+
+log = logging.getLogger(__name__)
+
+# Bounds of one pass: rounds of "evict, free, measure", and images looked at per round.
+MAX_ROUNDS = 100
+IMAGES_PER_ROUND = 200
+BLOBS_PER_BATCH = 500
+
+
+@dataclass
+class EvictionReport:
+    images: list[CachedImage] = field(default_factory=list)
+    blobs: list[BlobRow] = field(default_factory=list)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(blob.size for blob in self.blobs)
+
+
+def budget_enabled(config: Config) -> bool:
+    """Whether any byte budget (or free-space floor) asks for eviction after a fill."""
+    cache = config.cache
+    return bool(
+        cache.max_bytes
+        or cache.min_free_bytes
+        or any(up.max_bytes for up in config.upstreams.values())
+    )
+
+
+async def evict_cache(
+    meta: MetadataStore,
+    storage: BlobStore,
+    config: Config,
+    now: float,
+    dry_run: bool,
+    in_use: Collection[Digest] = frozenset(),
+) -> EvictionReport:
+    """One eviction pass (see the module's docstring); a dry run only lists what would go."""
+    report = EvictionReport()
+    prefixes = list(config.upstreams)
+    if not prefixes:
+        return report
+    pass_ = _Pass(meta, storage, config, now, dry_run, in_use, report)
+    await pass_.evict_idle()
+    await pass_.free_blobs()
+    for _ in range(MAX_ROUNDS):
+        chosen = await pass_.over_budget()
+        if not chosen:
+            break
+        for image in chosen:
+            await pass_.evict(image)
+        if dry_run:
+            break  # nothing was freed, so measuring again would choose the same images
+        await pass_.free_blobs()
+    return report
+
+
+@dataclass
+class _Pass:
+    meta: MetadataStore
+    storage: BlobStore
+    config: Config
+    now: float
+    dry_run: bool
+    in_use: Collection[Digest]
+    report: EvictionReport
+
+    @property
+    def before(self) -> float:
+        """Images and blobs used since then are left alone."""
+        return self.now - self.config.cache.grace
+
+    async def evict_idle(self) -> None:
+        for prefix, upstream in self.config.upstreams.items():
+            idle = [t for t in (self.config.cache.max_idle, upstream.max_idle) if t > 0]
+            if not idle:
+                continue
+            before = min(self.now - min(idle), self.before)
+            for _ in range(MAX_ROUNDS):
+                images = await self.meta.cached_images(prefix, before, IMAGES_PER_ROUND)
+                evicted = [image for image in images if await self.evict(image)]
+                if self.dry_run or not evicted:
+                    break
+
+    async def evict(self, image: CachedImage) -> bool:
+        if not self.dry_run and not await self.meta.evict_image(image):
+            return False  # pulled (or taken into an index) since it was chosen
+        self.report.images.append(image)
+        log.info("evicted cached image %s@%s (%d bytes)", image.repo, image.digest, image.size)
+        return True
+
+    async def free_blobs(self) -> None:
+        prefixes = list(self.config.upstreams)
+        while True:
+            rows = await self.meta.collect_cached_blobs(
+                prefixes, self.before, self.in_use, BLOBS_PER_BATCH, dry_run=self.dry_run
+            )
+            self.report.blobs += rows
+            if self.dry_run:
+                return
+            for row in rows:  # the rows are gone (committed): now the bytes
+                try:
+                    await self.storage.delete(row.storage_key)
+                except Exception:
+                    # Orphaned bytes, which GC's orphan sweep removes later.
+                    log.exception("deleting the bytes of evicted blob %s failed", row.digest)
+            if len(rows) < BLOBS_PER_BATCH:
+                return
+
+    async def over_budget(self) -> list[CachedImage]:
+        """The least recently used images whose bytes come to about the excess, if any."""
+        cache = self.config.cache
+        usage = await self.meta.cache_usage(list(self.config.upstreams))
+        chosen: dict[tuple[str, Digest], CachedImage] = {}
+        for prefix, upstream in self.config.upstreams.items():
+            excess = usage.by_prefix.get(prefix, 0) - upstream.max_bytes
+            if upstream.max_bytes and excess > 0:
+                images = await self.meta.cached_images(prefix, self.before, IMAGES_PER_ROUND)
+                _take(chosen, images, excess)
+        excess = usage.total - cache.max_bytes if cache.max_bytes else 0
+        free = await self._free_space()
+        if free is not None:
+            excess = max(excess, cache.min_free_bytes - free)
+        # Whatever the per-upstream rounds chose counts towards the global excess.
+        excess -= sum(image.size for image in chosen.values())
+        if excess > 0:
+            lists = [
+                await self.meta.cached_images(prefix, self.before, IMAGES_PER_ROUND)
+                for prefix in self.config.upstreams
+            ]
+            merged = heapq.merge(*lists, key=lambda image: (image.last_used, image.repo))
+            _take(chosen, (i for i in merged if (i.repo, i.digest) not in chosen), excess)
+        if chosen:
+            log.info(
+                "the cache holds %d bytes (budget %d): evicting %d image(s)",
+                usage.total,
+                cache.max_bytes,
+                len(chosen),
+            )
+        return list(chosen.values())
+
+    async def _free_space(self) -> int | None:
+        cache = self.config.cache
+        if not cache.min_free_bytes or self.config.storage.backend != "filesystem":
+            return None
+        path = self.config.storage_path
+        return (await asyncio.to_thread(shutil.disk_usage, path)).free
+
+
+def _take(
+    chosen: dict[tuple[str, Digest], CachedImage], images: Iterable[CachedImage], excess: int
+) -> None:
+    """Add images, in order, until their sizes cover ``excess`` (at least one)."""
+    covered = 0
+    for image in images:
+        if covered >= excess:
+            return
+        chosen[(image.repo, image.digest)] = image
+        covered += max(image.size, 1)
+
+
+class CacheEvictor:
+    """Eviction in a serving process: after each fill, and for the GC pass.
+
+    It writes this process's pending pull times first, so the least recently pulled images
+    are chosen by up-to-date times, and it spares the blobs whose fills are in flight.
+    """
+
+    def __init__(
+        self,
+        meta: MetadataStore,
+        storage: BlobStore,
+        config: Config,
+        *,
+        pulls: PullRecorder | None = None,
+        in_use: Callable[[], Collection[Digest]] | None = None,
+    ) -> None:
+        self.meta = meta
+        self.storage = storage
+        self.config = config
+        self.pulls = pulls
+        self.in_use = in_use
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    async def run(self, now: float | None = None, dry_run: bool = False) -> EvictionReport:
+        async with self._lock:
+            if self.pulls is not None and not dry_run:
+                await self.pulls.flush()
+            return await evict_cache(
+                self.meta,
+                self.storage,
+                self.config,
+                time.time() if now is None else now,
+                dry_run,
+                frozenset(self.in_use()) if self.in_use is not None else frozenset(),
+            )
+
+    def fill_done(self) -> None:
+        """A fill committed: evict now if that took the cache over its budget.
+
+        One pass at a time; fills that finish during a pass ask for one more.
+        """
+        if not budget_enabled(self.config):
+            return
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._after_fills())
+
+    async def _after_fills(self) -> None:
+        while True:
+            self._again = False
+            try:
+                report = await self.run()
+                if report.images or report.blobs:
+                    log.info(
+                        "cache eviction: %d image(s), %d blob(s), %d bytes freed",
+                        len(report.images),
+                        len(report.blobs),
+                        report.bytes_freed,
+                    )
+            except Exception:
+                log.exception("cache eviction failed; the next fill or GC pass tries again")
+            if not self._again:
+                return
+
+    async def settled(self) -> None:
+        """Return once no eviction asked for by a fill is running."""
+        while self._task is not None and not self._task.done():
+            await asyncio.wait([self._task])
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+EVICTOR = web.AppKey("evictor", CacheEvictor)
