@@ -10,6 +10,9 @@ from contextlib import suppress
 from aiohttp import web
 
 from regproxy.api.keys import CONFIG
+from regproxy.config import Config
+from regproxy.lifecycle.eviction import EVICTOR, CacheEvictor
+from regproxy.lifecycle.gc import run_pass
 from regproxy.registry.hosted import HostedRegistry
 
 log = logging.getLogger(__name__)
@@ -28,12 +31,32 @@ async def _purge_uploads(hosted: HostedRegistry, max_age: float, interval: float
         await asyncio.sleep(interval)
 
 
+async def _collect_garbage(
+    hosted: HostedRegistry, config: Config, evictor: CacheEvictor | None
+) -> None:
+    """A GC pass every gc.interval seconds (other processes may run theirs meanwhile)."""
+    while True:
+        await asyncio.sleep(config.gc.interval)
+        try:
+            report = await run_pass(hosted.meta, hosted.storage, config, evictor=evictor)
+            if report.bytes_freed or report.manifests or report.tags:
+                log.info("%s", report.summary())
+        except Exception:
+            log.exception("garbage collection failed; trying again later")
+
+
 async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    task = asyncio.create_task(
-        _purge_uploads(app[HOSTED], config.uploads.max_age, config.uploads.purge_interval)
-    )
+    tasks = [
+        asyncio.create_task(
+            _purge_uploads(app[HOSTED], config.uploads.max_age, config.uploads.purge_interval)
+        )
+    ]
+    if config.gc.interval > 0:
+        tasks.append(asyncio.create_task(_collect_garbage(app[HOSTED], config, app.get(EVICTOR))))
     yield
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with suppress(asyncio.CancelledError):
+            await task
