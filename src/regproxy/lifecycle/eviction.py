@@ -34,7 +34,7 @@ from aiohttp import web
 
 from regproxy.config import Config
 from regproxy.lifecycle.pulls import PullRecorder
-from regproxy.meta.base import BlobRow, CachedImage, MetadataStore
+from regproxy.meta.base import BlobRow, CachedImage, CacheUsage, MetadataStore
 from regproxy.oci import Digest
 from regproxy.storage.base import BlobStore
 
@@ -50,6 +50,8 @@ BLOBS_PER_BATCH = 500
 class EvictionReport:
     images: list[CachedImage] = field(default_factory=list)
     blobs: list[BlobRow] = field(default_factory=list)
+    # The cache's size as last measured in the pass (after its evictions but the last round's).
+    usage: CacheUsage | None = None
 
     @property
     def bytes_freed(self) -> int:
@@ -149,7 +151,9 @@ class _Pass:
     async def over_budget(self) -> list[CachedImage]:
         """The least recently used images whose bytes come to about the excess, if any."""
         cache = self.config.cache
-        usage = await self.meta.cache_usage(list(self.config.upstreams))
+        budgeted = [name for name, up in self.config.upstreams.items() if up.max_bytes]
+        usage = await self.meta.cache_usage(list(self.config.upstreams), per_prefix=budgeted)
+        self.report.usage = usage
         chosen: dict[tuple[str, Digest], CachedImage] = {}
         for prefix, upstream in self.config.upstreams.items():
             excess = usage.by_prefix.get(prefix, 0) - upstream.max_bytes
@@ -199,11 +203,18 @@ def _take(
 
 
 class CacheEvictor:
-    """Eviction in a serving process: after each fill, and for the GC pass.
+    """Eviction in a serving process: after fills, and for the GC pass.
 
     It writes this process's pending pull times first, so the least recently pulled images
     are chosen by up-to-date times, and it spares the blobs whose fills are in flight.
+
+    Measuring the cache is a query over every cached blob, too costly for every fill; so after
+    each measurement the bytes this process's fills add are summed in memory, and a pass runs
+    as soon as that sum takes a budget over, storage was full, free space is low, or the last
+    measurement is ``REMEASURE`` seconds old (fills of other processes count from then on).
     """
+
+    REMEASURE = 60.0
 
     def __init__(
         self,
@@ -222,12 +233,17 @@ class CacheEvictor:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        # The last measurement, when it was taken, and what fills added since.
+        self._usage: CacheUsage | None = None
+        self._measured = 0.0
+        self._added: dict[str, int] = {}
+        self._full = False
 
     async def run(self, now: float | None = None, dry_run: bool = False) -> EvictionReport:
         async with self._lock:
             if self.pulls is not None and not dry_run:
                 await self.pulls.flush()
-            return await evict_cache(
+            report = await evict_cache(
                 self.meta,
                 self.storage,
                 self.config,
@@ -235,35 +251,75 @@ class CacheEvictor:
                 dry_run,
                 frozenset(self.in_use()) if self.in_use is not None else frozenset(),
             )
+            if report.usage is not None and not dry_run:
+                # Measured after the pass's last evictions: fills count from here on.
+                self._usage = report.usage
+                self._measured = time.monotonic()
+                self._added = {}
+                self._full = False
+            return report
 
-    def fill_done(self) -> None:
-        """A fill committed: evict now if that took the cache over its budget.
+    def fill_done(self, repo: str, stored: int, storage_full: bool = False) -> None:
+        """A fill ended, having stored ``stored`` bytes under ``repo`` (0: not cached).
 
-        One pass at a time; fills that finish during a pass ask for one more.
+        Starts a pass if that may take the cache over a budget; one pass at a time, and fills
+        that finish during a pass ask for one more.
         """
         if not budget_enabled(self.config):
+            return
+        prefix = repo.partition("/")[0]
+        self._added[prefix] = self._added.get(prefix, 0) + stored
+        self._full = self._full or storage_full
+        if not self._due() and not self.config.cache.min_free_bytes:
             return
         if self._task is not None and not self._task.done():
             self._again = True
             return
         self._task = asyncio.get_running_loop().create_task(self._after_fills())
 
+    def _due(self) -> bool:
+        """Whether the fills since the last measurement may have taken a budget over."""
+        cache = self.config.cache
+        if self._usage is None or self._full:
+            return True
+        if time.monotonic() - self._measured >= self.REMEASURE:
+            return True
+        added = sum(self._added.values())
+        if cache.max_bytes and self._usage.total + added > cache.max_bytes:
+            return True
+        for name, upstream in self.config.upstreams.items():
+            own = self._usage.by_prefix.get(name, 0) + self._added.get(name, 0)
+            if upstream.max_bytes and own > upstream.max_bytes:
+                return True
+        return False
+
     async def _after_fills(self) -> None:
         while True:
             self._again = False
             try:
-                report = await self.run()
-                if report.images or report.blobs:
-                    log.info(
-                        "cache eviction: %d image(s), %d blob(s), %d bytes freed",
-                        len(report.images),
-                        len(report.blobs),
-                        report.bytes_freed,
-                    )
+                if await self._needed():
+                    report = await self.run()
+                    if report.images or report.blobs:
+                        log.info(
+                            "cache eviction: %d image(s), %d blob(s), %d bytes freed",
+                            len(report.images),
+                            len(report.blobs),
+                            report.bytes_freed,
+                        )
             except Exception:
                 log.exception("cache eviction failed; the next fill or GC pass tries again")
             if not self._again:
                 return
+
+    async def _needed(self) -> bool:
+        """Whether a pass is worth its queries (free space is cheap to look at first)."""
+        if self._due():
+            return True
+        floor = self.config.cache.min_free_bytes
+        if not floor or self.config.storage.backend != "filesystem":
+            return False
+        usage = await asyncio.to_thread(shutil.disk_usage, self.config.storage_path)
+        return usage.free < floor
 
     async def settled(self) -> None:
         """Return once no eviction asked for by a fill is running."""

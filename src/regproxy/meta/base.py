@@ -111,8 +111,12 @@ class MetadataStore(Protocol):
         """
         ...
 
-    async def touch_link(self, repo: str, digest: Digest, now: float) -> None:
-        """Refresh the link's time (a HEAD or GET said the blob exists in repo)."""
+    async def touch_link(self, repo: str, digest: Digest, now: float) -> bool:
+        """Refresh the link's time (a HEAD or GET is about to say the blob exists in repo).
+
+        False when the link is gone: GC collected the blob since it was read, in one
+        transaction with its links, so the answer must be "unknown" after all.
+        """
         ...
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool: ...
@@ -252,8 +256,11 @@ class MetadataStore(Protocol):
         """
         ...
 
-    async def cache_usage(self, prefixes: Sequence[str]) -> CacheUsage:
-        """Bytes stored for the pull-through repositories under ``<prefix>/``."""
+    async def cache_usage(
+        self, prefixes: Sequence[str], *, per_prefix: Sequence[str] = ()
+    ) -> CacheUsage:
+        """Bytes stored for the pull-through repositories under ``<prefix>/`` together, and
+        for those under each of ``per_prefix`` alone (a query each: only budgeted ones)."""
         ...
 
     async def cached_images(self, prefix: str, used_before: float, limit: int) -> list[CachedImage]:

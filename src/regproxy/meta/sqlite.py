@@ -103,9 +103,17 @@ def _blob(row: Any) -> BlobRow:
 
 
 class SqliteMetadataStore:
-    def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection) -> None:
+    def __init__(
+        self,
+        reader: aiosqlite.Connection,
+        writer: aiosqlite.Connection,
+        scanner: aiosqlite.Connection | None = None,
+    ) -> None:
         self._reader = reader
         self._writer = writer
+        # Long lifecycle reads (cache size, eviction candidates) run on a connection (and
+        # thread) of their own, so they never queue the request path's reads behind them.
+        self._scanner = scanner or reader
         self._write_lock = asyncio.Lock()
 
     @classmethod
@@ -113,16 +121,19 @@ class SqliteMetadataStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await aiosqlite.connect(path, isolation_level=None)
         reader = await aiosqlite.connect(path, isolation_level=None)
-        for conn in (writer, reader):
+        scanner = await aiosqlite.connect(path, isolation_level=None)
+        for conn in (writer, reader, scanner):
             for pragma in _PRAGMAS:
                 await conn.execute(pragma)
-        store = cls(reader, writer)
+        store = cls(reader, writer, scanner)
         await store._migrate()
         return store
 
     async def close(self) -> None:
         await self._reader.close()
         await self._writer.close()
+        if self._scanner is not self._reader:
+            await self._scanner.close()
 
     async def _migrate(self) -> None:
         async with self._transaction() as db:
@@ -159,6 +170,10 @@ class SqliteMetadataStore:
 
     async def _all(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
         return list(await self._reader.execute_fetchall(sql, params))
+
+    async def _scan(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        """A long lifecycle read, on its own connection (see ``__init__``)."""
+        return list(await self._scanner.execute_fetchall(sql, params))
 
     # -- blobs --------------------------------------------------------------------------------
 
@@ -206,13 +221,13 @@ class SqliteMetadataStore:
             )
             return cursor.rowcount > 0
 
-    async def touch_link(self, repo: str, digest: Digest, now: float) -> None:
+    async def touch_link(self, repo: str, digest: Digest, now: float) -> bool:
         async with self._transaction() as db:
-            await db.execute(
-                "UPDATE repository_blobs SET linked = ? WHERE repo = ? AND digest = ?"
-                " AND linked < ?",
-                (now, repo, str(digest), now),
+            cursor = await db.execute(
+                "UPDATE repository_blobs SET linked = max(linked, ?) WHERE repo = ? AND digest = ?",
+                (now, repo, str(digest)),
             )
+            return cursor.rowcount > 0
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
         async with self._transaction() as db:
@@ -623,10 +638,20 @@ class SqliteMetadataStore:
         if not pulls:
             return
         async with self._transaction() as db:
+            rows = [{"repo": repo, "digest": str(digest), "at": at} for repo, digest, at in pulls]
             await db.executemany(
                 "UPDATE manifests SET last_pulled = :at WHERE repo = :repo AND digest = :digest"
                 " AND (last_pulled IS NULL OR last_pulled < :at)",
-                [{"repo": repo, "digest": str(digest), "at": at} for repo, digest, at in pulls],
+                rows,
+            )
+            # A pull of one platform's manifest is a pull of the indexes that list it, so an
+            # image's last use is one column (which eviction sorts by).
+            await db.executemany(
+                "UPDATE manifests SET last_pulled = :at WHERE repo = :repo AND digest IN"
+                " (SELECT r.digest FROM manifest_references r WHERE r.repo = :repo"
+                "  AND r.child = :digest AND r.is_manifest = 1)"
+                " AND (last_pulled IS NULL OR last_pulled < :at)",
+                rows,
             )
 
     async def expendable_tags(
@@ -658,28 +683,29 @@ class SqliteMetadataStore:
             await _prune_manifests(db, repo, {str(tag.digest) for tag in deleted})
         return deleted
 
-    async def cache_usage(self, prefixes: Sequence[str]) -> CacheUsage:
+    async def cache_usage(
+        self, prefixes: Sequence[str], *, per_prefix: Sequence[str] = ()
+    ) -> CacheUsage:
         if not prefixes:
             return CacheUsage(0, {})
-        names = {f"p{i}": prefix for i, prefix in enumerate(prefixes)}
-        listed = ", ".join(f":{name}" for name in names)
-        # Each blob's owners: the first path component of every repository linking it.
-        rows = await self._all(
-            "WITH links AS (SELECT digest, CASE WHEN instr(repo, '/') > 0"
-            "   THEN substr(repo, 1, instr(repo, '/') - 1) ELSE '' END AS prefix"
-            "   FROM repository_blobs),"
-            " owners AS (SELECT digest, min(prefix) AS lo, max(prefix) AS hi,"
-            f"   sum(CASE WHEN prefix IN ({listed}) THEN 0 ELSE 1 END) AS others"
-            "   FROM links GROUP BY digest)"
-            " SELECT CASE WHEN o.lo = o.hi THEN o.lo ELSE '' END, sum(b.size)"
-            " FROM owners o JOIN blobs b ON b.digest = o.digest WHERE o.others = 0 GROUP BY 1",
-            names,
+        cached, params = _cached_ranges(prefixes, "o")
+        # Blobs linked from a cache repository and from no other one.
+        only_cached = (
+            "SELECT coalesce(sum(b.size), 0) FROM blobs b WHERE b.digest IN"
+            " (SELECT o.digest FROM repository_blobs o WHERE {inside})"
+            " AND NOT EXISTS (SELECT 1 FROM repository_blobs o"
+            "   WHERE o.digest = b.digest AND NOT ({inside}))"
         )
-        by_prefix = {row[0]: int(row[1]) for row in rows if row[0]}
-        return CacheUsage(sum(int(row[1]) for row in rows), by_prefix)
+        rows = await self._scan(only_cached.format(inside=cached), params)
+        by_prefix = {}
+        for prefix in per_prefix:
+            inside, one = _cached_ranges([prefix], "o")
+            rows_one = await self._scan(only_cached.format(inside=inside), one)
+            by_prefix[prefix] = int(rows_one[0][0])
+        return CacheUsage(int(rows[0][0]), by_prefix)
 
     async def cached_images(self, prefix: str, used_before: float, limit: int) -> list[CachedImage]:
-        rows = await self._all(
+        rows = await self._scan(
             f"WITH roots AS (SELECT m.repo, m.digest, {_IMAGE_USED} AS used FROM manifests m"
             "   WHERE m.repo >= :lo AND m.repo < :hi AND NOT EXISTS (SELECT 1"
             "   FROM manifest_references p"
@@ -722,52 +748,60 @@ class SqliteMetadataStore:
     ) -> list[BlobRow]:
         if not prefixes:
             return []
-        params: dict[str, Any] = {"before": before, "limit": limit}
-        ranges = []
-        for i, prefix in enumerate(prefixes):
-            bounds = _prefix_range(prefix)
-            params[f"lo{i}"], params[f"hi{i}"] = bounds["lo"], bounds["hi"]
-            ranges.append(f"(l.repo >= :lo{i} AND l.repo < :hi{i})")
-        cached = " OR ".join(ranges)
+        cached, params = _cached_ranges(prefixes, "l")
+        params.update(before=before, limit=limit)
         excluded = {f"x{i}": str(digest) for i, digest in enumerate(exclude)}
         params.update(excluded)
         skip = f" AND b.digest NOT IN ({', '.join(':' + n for n in excluded)})" if excluded else ""
-        # Linked from a cache repository, from no other one, and unused by GC's own rule.
+        # Linked from a cache repository, unused by GC's own rule, and linked from no other
+        # repository (cheapest test first: most cached blobs are still referenced).
         sql = (
             "SELECT b.digest, b.size, b.storage_key FROM blobs b"
             f" WHERE b.digest IN (SELECT l.digest FROM repository_blobs l WHERE {cached})"
-            " AND NOT EXISTS (SELECT 1 FROM repository_blobs l"
-            f"   WHERE l.digest = b.digest AND NOT ({cached}))"
-            f" AND {_BLOB_UNUSED}{skip} LIMIT :limit"
+            f" AND {_BLOB_UNUSED}{skip} AND NOT EXISTS (SELECT 1 FROM repository_blobs l"
+            f"   WHERE l.digest = b.digest AND NOT ({cached})){{only}} LIMIT :limit"
         )
-        if dry_run:
-            return [_blob(row) for row in await self._all(sql, params)]
+        # Find them without the write lock (a scan over the cache); then decide again, for
+        # those only, inside the transaction that deletes them.
+        found = [_blob(row) for row in await self._scan(sql.format(only=""), params)]
+        if dry_run or not found:
+            return found
+        listed = {f"c{i}": str(row.digest) for i, row in enumerate(found)}
+        only = f" AND b.digest IN ({', '.join(':' + name for name in listed)})"
         async with self._transaction() as db:
-            rows = [_blob(row) for row in await db.execute_fetchall(sql, params)]
+            rows = [
+                _blob(row)
+                for row in await db.execute_fetchall(sql.format(only=only), {**params, **listed})
+            ]
             gone = [(str(row.digest),) for row in rows]
             await db.executemany("DELETE FROM repository_blobs WHERE digest = ?", gone)
             await db.executemany("DELETE FROM blobs WHERE digest = ?", gone)
         return rows
 
 
-# When a cached image (alias m) was last used: pulled, or stored if not pulled since, and the
-# same for the manifests an index lists (a client may pull one platform's manifest by digest).
-_IMAGE_USED = (
-    "max(coalesce(m.last_pulled, m.created), coalesce((SELECT max(coalesce(c.last_pulled,"
-    " c.created)) FROM manifest_references r JOIN manifests c"
-    " ON c.repo = r.repo AND c.digest = r.child"
-    " WHERE r.repo = m.repo AND r.digest = m.digest AND r.is_manifest = 1), 0))"
-)
+# When a cached image (alias m) was last used: pulled (record_pulls also counts a pull of a
+# manifest an index lists for the index), or stored if not pulled since.
+_IMAGE_USED = "coalesce(m.last_pulled, m.created)"
 # The bytes of the blobs an image (alias c) and the manifests it lists reference.
 _IMAGE_SIZE = (
     "(SELECT coalesce(sum(b.size), 0) FROM blobs b WHERE b.digest IN ("
     " SELECT r.child FROM manifest_references r"
     " WHERE r.repo = c.repo AND r.digest = c.digest AND r.is_manifest = 0"
-    " UNION SELECT r2.child FROM manifest_references r1 JOIN manifest_references r2"
-    " ON r2.repo = r1.repo AND r2.digest = r1.child"
+    " UNION SELECT r2.child FROM manifest_references r1 CROSS JOIN manifest_references r2"
     " WHERE r1.repo = c.repo AND r1.digest = c.digest AND r1.is_manifest = 1"
-    " AND r2.is_manifest = 0))"
+    " AND r2.repo = r1.repo AND r2.digest = r1.child AND r2.is_manifest = 0))"
 )
+
+
+def _cached_ranges(prefixes: Sequence[str], alias: str) -> tuple[str, dict[str, Any]]:
+    """SQL true when ``<alias>.repo`` is under one of ``<prefix>/``, with its parameters."""
+    params: dict[str, Any] = {}
+    ranges = []
+    for i, prefix in enumerate(prefixes):
+        bounds = _prefix_range(prefix)
+        params[f"lo{i}"], params[f"hi{i}"] = bounds["lo"], bounds["hi"]
+        ranges.append(f"({alias}.repo >= :lo{i} AND {alias}.repo < :hi{i})")
+    return " OR ".join(ranges), params
 
 
 def _prefix_range(prefix: str) -> dict[str, str]:

@@ -91,8 +91,9 @@ class PullThroughRegistry:
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flights: dict[tuple[str, str], asyncio.Future[ManifestRow]] = {}
-        # Called after each fill, stored or not (cache eviction: lifecycle/eviction.py).
-        self.on_fill_done: Callable[[], None] | None = None
+        # Told of each fill that ended (cache eviction: lifecycle/eviction.py): the repository,
+        # the bytes it stored (0: not cached) and whether storage was full.
+        self.on_fill_done: Callable[[str, int, bool], None] | None = None
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     async def close(self) -> None:
@@ -104,9 +105,9 @@ class PullThroughRegistry:
         """Digests whose fills are in flight: cache eviction leaves their blobs alone."""
         return frozenset(fill.digest for fill in self._fills.values())
 
-    def _fill_done(self) -> None:
+    def _fill_done(self, repo: str, stored: int, storage_full: bool = False) -> None:
         if self.on_fill_done is not None:
-            self.on_fill_done()
+            self.on_fill_done(repo, stored, storage_full)
 
     def namespace_prefix(self, ns: str) -> str | None:
         for name, upstream in self.upstreams.items():
@@ -230,7 +231,7 @@ class PullThroughRegistry:
                     await _verify_spool(fill, digest)
                     log.warning("storage full: served %s without caching it", digest)
                     fill.set_size(fill.written)
-                    self._fill_done()
+                    self._fill_done(repo, 0, storage_full=True)
                     return
             fill.set_size(fill.written)
             for other in fill.repos - {repo}:
@@ -248,7 +249,7 @@ class PullThroughRegistry:
             else:
                 elapsed = time.monotonic() - started
                 log.info("cached %s, %d bytes, in %.2fs", digest, fill.written, elapsed)
-                self._fill_done()  # cache eviction: this fill may take the cache over budget
+                self._fill_done(repo, fill.written)  # it may take the cache over its budget
 
         self._spawn(run())
         return fill

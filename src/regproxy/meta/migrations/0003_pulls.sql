@@ -4,3 +4,5 @@
 ALTER TABLE manifests ADD COLUMN last_pulled REAL;
 -- Retention selects each repository's tags by push time.
 CREATE INDEX tags_by_push ON tags (repo, updated);
+-- Eviction lists each upstream's images by last use without reading manifest bytes.
+CREATE INDEX manifests_by_use ON manifests (repo, last_pulled, created, digest);
