@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,10 +266,18 @@ async def test_index_is_evicted_with_its_children(
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 6 MiB tmpfs for blob storage (root only), unmounted at teardown."""
-    mount = tmp_path / "small"
+    yield from _tmpfs(tmp_path / "small", 6)
+
+
+@pytest.fixture
+def medium_fs(tmp_path: Path) -> Iterator[Path]:
+    yield from _tmpfs(tmp_path / "medium", 16)
+
+
+def _tmpfs(mount: Path, mib: int) -> Iterator[Path]:
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(mount)], capture_output=True
     )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
@@ -316,3 +325,20 @@ async def test_full_storage_still_checks_the_digest(
     assert body != data and len(body) < len(data)  # never the whole (wrong) body
     await settle(client)
     assert await meta_of(client).get_blob(Digest.parse(digest)) is None
+
+
+async def test_min_free_bytes_evicts_before_the_disk_fills(
+    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path, medium_fs: Path
+) -> None:
+    floor = 8 * MiB
+    client = await start(
+        make_client, upstream, tmp_path, storage__path=str(medium_fs), cache__min_free_bytes=floor
+    )
+    images = add_images(upstream, "lib/app", 10, size=MiB)
+    for image in images:
+        assert (await pull(client, "fake/lib/app", image.tag or ""))[1] == image.blobs
+        await settle(client)
+        assert shutil.disk_usage(medium_fs).free >= floor - MiB - 64 * 1024
+    meta = meta_of(client)
+    assert await meta.get_tagged_manifest("fake/lib/app", "v0") is None  # evicted
+    assert await meta.get_tagged_manifest("fake/lib/app", "v9") is not None
