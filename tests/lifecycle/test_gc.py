@@ -277,7 +277,7 @@ async def test_a_head_that_answers_exists_keeps_the_blob_for_another_grace(
     client = await make_client(config)
     meta = app_of(client)[HOSTED].meta
     digest = await push_blob(client, "app", b"pushed long ago")
-    age_links(config, 80.0)  # older than half the grace
+    age_links(config, 80.0)  # older than a quarter of the grace
     before = await meta.get_repo_blob("app", Digest.parse(digest))
     assert before is not None and before.linked is not None
 
