@@ -286,7 +286,16 @@ class HostedRegistry:
         """A full disk ends the upload: nothing partial stays behind to keep the disk full."""
         log.warning("storage full, dropping upload %s of %s: %s", upload.id, upload.repo, exc)
         try:
-            await self._forget(upload)
+            try:
+                await self._forget(upload)
+            except OSError as full:
+                if not is_storage_full(full):
+                    raise
+                # Too full even to record the deletion (metadata on the same disk): free the
+                # bytes first, then the row. Meanwhile the upload answers "unknown" at worst.
+                self._hashers.pop(upload.id, None)
+                await self.storage.delete_upload(upload.id, upload.state)
+                await self.meta.delete_upload(upload.id)
         except Exception as cleanup:  # the stale-upload purge or the orphan sweep takes it
             log.warning("could not drop upload %s: %r", upload.id, cleanup)
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
