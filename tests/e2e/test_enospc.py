@@ -8,6 +8,7 @@ byte for byte afterwards.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -99,11 +100,23 @@ async def test_a_push_bigger_than_the_disk_fails_cleanly(server: RegproxyProcess
                 f"{base}/blobs/uploads/", params={"digest": sha256_of(data)}, data=data
             ) as resp:
                 assert resp.status == 201, await resp.text()
-        manifest = (
-            '{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":'
-            '"application/vnd.oci.image.config.v1+json","digest":"%s","size":%d},"layers":'
-            '[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":%d}]}'
-            % (MANIFEST, sha256_of(config), len(config), sha256_of(layer), len(layer))
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": sha256_of(config),
+                    "size": len(config),
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": sha256_of(layer),
+                        "size": len(layer),
+                    }
+                ],
+            }
         ).encode()
         async with session.put(
             f"{base}/manifests/v1", data=manifest, headers={"Content-Type": MANIFEST}
