@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import sqlite3
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -425,43 +435,64 @@ class SqliteMetadataStore:
         untagged: bool,
         skip_prefixes: Sequence[str],
         batch: int,
-    ) -> AsyncGenerator[GarbageBatch, None]:
-        @asynccontextmanager
-        async def step() -> AsyncIterator[aiosqlite.Connection]:
-            if db is not None:
-                yield db
-            else:
+    ) -> AsyncIterator[GarbageBatch]:
+        """Each stage pages through candidates, ``batch`` at a time, in key order.
+
+        Outside a dry run, candidates are found on the reader (no lock), then the write
+        transaction applies the same rule again to just those rows and deletes what still
+        matches: the decision that counts and the deletion are one transaction, and a pass
+        that finds nothing never takes the write lock.
+        """
+
+        async def stage(
+            run: Callable[[aiosqlite.Connection, Any, int, list[Any] | None, bool], Awaitable[Any]],
+            after: Any,
+        ) -> AsyncIterator[list[Any]]:
+            while True:
+                if db is not None:  # dry run: one transaction already holds the lock
+                    found = await run(db, after, batch, None, True)
+                    if not found:
+                        return
+                    after = found[-1][0]
+                    yield [row[1] for row in found]
+                    continue
+                candidates = await run(self._reader, after, batch, None, False)
+                if not candidates:
+                    return
+                after = candidates[-1][0]
                 async with self._transaction() as conn:
-                    yield conn
+                    found = await run(
+                        conn, ("", ""), len(candidates), [c[0] for c in candidates], True
+                    )
+                if found:
+                    yield [row[1] for row in found]
+
+        async def manifests(
+            conn: aiosqlite.Connection, after: Any, limit: int, only: list[Any] | None, delete: bool
+        ) -> list[tuple[Any, GarbageManifest]]:
+            return await self._gc_manifests(conn, before, skip_prefixes, after, limit, only, delete)
+
+        async def links(
+            conn: aiosqlite.Connection, after: Any, limit: int, only: list[Any] | None, delete: bool
+        ) -> list[tuple[Any, tuple[str, str]]]:
+            return await self._gc_links(conn, before, after, limit, only, delete)
+
+        async def blobs(
+            conn: aiosqlite.Connection, after: Any, limit: int, only: list[Any] | None, delete: bool
+        ) -> list[tuple[Any, BlobRow]]:
+            return await self._gc_blobs(conn, before, after[1], limit, only, delete)
 
         for _ in range(_MANIFEST_ROUNDS if untagged else 0):
-            after: tuple[str, str] = ("", "")
             found_any = False
-            while True:
-                async with step() as conn:
-                    manifests = await self._gc_manifests(conn, before, skip_prefixes, after, batch)
-                if not manifests:
-                    break
+            async for found in stage(manifests, ("", "")):
                 found_any = True
-                after = (manifests[-1].repo, str(manifests[-1].digest))
-                yield GarbageBatch(manifests, 0, [])
+                yield GarbageBatch(found, 0, [])
             if not found_any:
                 break
-        after = ("", "")
-        while True:
-            async with step() as conn:
-                links, after = await self._gc_links(conn, before, after, batch)
-            if not links:
-                break
-            yield GarbageBatch([], links, [])
-        last = ""
-        while True:
-            async with step() as conn:
-                blobs = await self._gc_blobs(conn, before, last, batch)
-            if not blobs:
-                break
-            last = str(blobs[-1].digest)
-            yield GarbageBatch([], 0, blobs)
+        async for found in stage(links, ("", "")):
+            yield GarbageBatch([], len(found), [])
+        async for found in stage(blobs, ("", "")):
+            yield GarbageBatch([], 0, found)
 
     @staticmethod
     async def _gc_manifests(
@@ -470,63 +501,99 @@ class SqliteMetadataStore:
         skip_prefixes: Sequence[str],
         after: tuple[str, str],
         limit: int,
-    ) -> list[GarbageManifest]:
+        only: list[Any] | None,
+        delete: bool,
+    ) -> list[tuple[tuple[str, str], GarbageManifest]]:
         params: dict[str, Any] = {
             "before": before,
             "repo": after[0],
             "digest": after[1],
             "limit": limit,
+            "only": json.dumps(only),
         }
         skip = ""
         for i, prefix in enumerate(skip_prefixes):
             params[f"p{i}"] = prefix
             skip += f" AND substr(m.repo, 1, length(:p{i})) != :p{i}"
+        if only is not None:
+            skip += (
+                " AND (m.repo, m.digest) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:only))"
+            )
         rows = await db.execute_fetchall(
             "SELECT m.repo, m.digest, length(m.content) FROM manifests m"
             f" WHERE (m.repo, m.digest) > (:repo, :digest) AND {_MANIFEST_UNUSED}{skip}"
             " ORDER BY m.repo, m.digest LIMIT :limit",
             params,
         )
-        found = [GarbageManifest(row[0], Digest.parse(row[1]), row[2]) for row in rows]
-        keys = [(m.repo, str(m.digest)) for m in found]
-        await db.executemany("DELETE FROM manifest_references WHERE repo = ? AND digest = ?", keys)
-        await db.executemany("DELETE FROM manifests WHERE repo = ? AND digest = ?", keys)
+        found = [
+            ((row[0], row[1]), GarbageManifest(row[0], Digest.parse(row[1]), row[2]))
+            for row in rows
+        ]
+        if delete:
+            keys = [key for key, _ in found]
+            await db.executemany(
+                "DELETE FROM manifest_references WHERE repo = ? AND digest = ?", keys
+            )
+            await db.executemany("DELETE FROM manifests WHERE repo = ? AND digest = ?", keys)
         return found
 
     @staticmethod
     async def _gc_links(
-        db: aiosqlite.Connection, before: float, after: tuple[str, str], limit: int
-    ) -> tuple[int, tuple[str, str]]:
-        rows = list(
-            await db.execute_fetchall(
-                "SELECT l.repo, l.digest FROM repository_blobs l"
-                f" WHERE (l.repo, l.digest) > (:repo, :digest) AND {_LINK_STALE}"
-                " ORDER BY l.repo, l.digest LIMIT :limit",
-                {"before": before, "repo": after[0], "digest": after[1], "limit": limit},
+        db: aiosqlite.Connection,
+        before: float,
+        after: tuple[str, str],
+        limit: int,
+        only: list[Any] | None,
+        delete: bool,
+    ) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+        restrict = ""
+        if only is not None:
+            restrict = (
+                " AND (l.repo, l.digest) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:only))"
             )
+        rows = await db.execute_fetchall(
+            "SELECT l.repo, l.digest FROM repository_blobs l"
+            f" WHERE (l.repo, l.digest) > (:repo, :digest) AND {_LINK_STALE}{restrict}"
+            " ORDER BY l.repo, l.digest LIMIT :limit",
+            {
+                "before": before,
+                "repo": after[0],
+                "digest": after[1],
+                "limit": limit,
+                "only": json.dumps(only),
+            },
         )
-        if not rows:
-            return 0, after
-        await db.executemany(
-            "DELETE FROM repository_blobs WHERE repo = ? AND digest = ?",
-            [(row[0], row[1]) for row in rows],
-        )
-        return len(rows), (rows[-1][0], rows[-1][1])
+        found = [((row[0], row[1]), (row[0], row[1])) for row in rows]
+        if delete:
+            await db.executemany(
+                "DELETE FROM repository_blobs WHERE repo = ? AND digest = ?",
+                [key for key, _ in found],
+            )
+        return found
 
     @staticmethod
     async def _gc_blobs(
-        db: aiosqlite.Connection, before: float, after: str, limit: int
-    ) -> list[BlobRow]:
+        db: aiosqlite.Connection,
+        before: float,
+        after: str,
+        limit: int,
+        only: list[Any] | None,
+        delete: bool,
+    ) -> list[tuple[tuple[str, str], BlobRow]]:
+        restrict = ""
+        if only is not None:
+            restrict = " AND b.digest IN (SELECT value ->> 1 FROM json_each(:only))"
         rows = await db.execute_fetchall(
             "SELECT b.digest, b.size, b.storage_key FROM blobs b"
-            f" WHERE b.digest > :after AND {_BLOB_UNUSED} ORDER BY b.digest LIMIT :limit",
-            {"before": before, "after": after, "limit": limit},
+            f" WHERE b.digest > :after AND {_BLOB_UNUSED}{restrict} ORDER BY b.digest LIMIT :limit",
+            {"before": before, "after": after, "limit": limit, "only": json.dumps(only)},
         )
-        found = [_blob(row) for row in rows]
-        digests = [(str(blob.digest),) for blob in found]
-        # Its remaining links are all stale (the rule says so): the blob leaves every repository.
-        await db.executemany("DELETE FROM repository_blobs WHERE digest = ?", digests)
-        await db.executemany("DELETE FROM blobs WHERE digest = ?", digests)
+        found = [(("", row[0]), _blob(row)) for row in rows]
+        if delete:
+            digests = [(key[1],) for key, _ in found]
+            # Its remaining links are all stale (the rule says so): it leaves every repository.
+            await db.executemany("DELETE FROM repository_blobs WHERE digest = ?", digests)
+            await db.executemany("DELETE FROM blobs WHERE digest = ?", digests)
         return found
 
     async def list_blobs(self, after: str, limit: int) -> list[BlobRow]:
