@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from regproxy.api.keys import CONFIG
+from regproxy.lifecycle.eviction import EVICTOR
+from regproxy.lifecycle.gc import run_pass
 from regproxy.lifecycle.retention import apply_retention
 from regproxy.oci import Digest
+from regproxy.tasks import HOSTED
 from tests.conftest import MakeClient
 from tests.helpers import Client, app_of, make_config, push_image
 from tests.lifecycle.cache import age, flush_pulls, pull
@@ -145,3 +148,22 @@ async def test_pull_through_repositories_are_left_to_eviction(
     await push_tags(client, "fake2/app", ["1", "2"])  # hosted, though its name looks alike
     assert await retention(client, dry_run=False) == ["fake2/app:1"]
     assert await meta_of(client).get_tagged_manifest("fake/lib/app", "1") is not None
+
+
+async def test_gc_pass_of_a_serving_process_sees_its_latest_pulls(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    config = make_config(
+        tmp_path,
+        retention__rules=[{"repos": ["app"], "keep_pulled_within": DAY}],
+        cache__pull_flush_interval=3600.0,
+    )
+    client = await make_client(config)
+    await push_tags(client, "app", ["old", "pulled"])
+    await age(client, 2 * DAY)
+    await pull(client, "app", "pulled")  # noted in memory only: the flush is an hour away
+    app = app_of(client)
+    hosted = app[HOSTED]
+    report = await run_pass(hosted.meta, hosted.storage, config, evictor=app[EVICTOR])
+    assert [f"{t.repo}:{t.tag}" for t in report.tags] == ["app:old"]
+    assert await tags(client, "app") == ["pulled"]

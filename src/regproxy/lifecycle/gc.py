@@ -84,7 +84,10 @@ async def run_pass(
         if out is not None:
             out(line)
 
-    # Retention and eviction first: what they untag, the rules below collect.
+    # Retention and eviction first: what they untag, the rules below collect. They judge by
+    # pull times, so this process's pending ones are written first.
+    if evictor is not None and evictor.pulls is not None:
+        await evictor.pulls.flush()
     report.tags = await apply_retention(meta, config, now, dry_run)
     for tag in report.tags:
         say(f"{verb} tag {tag.repo}:{tag.tag} ({tag.digest}) by retention")
