@@ -75,15 +75,22 @@ async def evict_cache(
     now: float,
     dry_run: bool,
     in_use: Collection[Digest] = frozenset(),
+    *,
+    sweep: bool = True,
 ) -> EvictionReport:
-    """One eviction pass (see the module's docstring); a dry run only lists what would go."""
+    """One eviction pass (see the module's docstring); a dry run only lists what would go.
+
+    ``sweep``: also free cached blobs that no image references any more (a scan of the
+    whole cache: GC passes do it; the passes after fills only free what they evict).
+    """
     report = EvictionReport()
     prefixes = list(config.upstreams)
     if not prefixes:
         return report
     pass_ = _Pass(meta, storage, config, now, dry_run, in_use, report)
     await pass_.evict_idle()
-    await pass_.free_blobs()
+    await pass_.free_blobs(sweep=sweep)
+    await pass_.measure()
     for _ in range(MAX_ROUNDS):
         chosen = await pass_.over_budget()
         if not chosen:
@@ -105,11 +112,17 @@ class _Pass:
     dry_run: bool
     in_use: Collection[Digest]
     report: EvictionReport
+    # Blobs of the images evicted since the last free_blobs: the ones that may be unused now.
+    candidates: set[Digest] = field(default_factory=set)
 
     @property
     def before(self) -> float:
         """Images and blobs used since then are left alone."""
         return self.now - self.config.cache.grace
+
+    @property
+    def budgeted(self) -> list[str]:
+        return [name for name, up in self.config.upstreams.items() if up.max_bytes]
 
     async def evict_idle(self) -> None:
         for prefix, upstream in self.config.upstreams.items():
@@ -124,36 +137,60 @@ class _Pass:
                     break
 
     async def evict(self, image: CachedImage) -> bool:
-        if not self.dry_run and not await self.meta.evict_image(image):
-            return False  # pulled (or taken into an index) since it was chosen
+        if not self.dry_run:
+            blobs = await self.meta.evict_image(image)
+            if blobs is None:
+                return False  # pulled (or taken into an index) since it was chosen
+            self.candidates.update(blobs)
         self.report.images.append(image)
         log.info("evicted cached image %s@%s (%d bytes)", image.repo, image.digest, image.size)
         return True
 
-    async def free_blobs(self) -> None:
+    async def free_blobs(self, *, sweep: bool = False) -> None:
+        """Free the evicted images' blobs that nothing uses now (``sweep``: any such blob)."""
         prefixes = list(self.config.upstreams)
-        while True:
+        candidates, self.candidates = sorted(self.candidates, key=str), set()
+        freed = 0
+        while sweep or candidates:
+            batch = None if sweep else candidates[:BLOBS_PER_BATCH]
+            candidates = candidates[BLOBS_PER_BATCH:]
             rows = await self.meta.collect_cached_blobs(
-                prefixes, self.before, self.in_use, BLOBS_PER_BATCH, dry_run=self.dry_run
+                prefixes,
+                self.before,
+                self.in_use,
+                BLOBS_PER_BATCH,
+                dry_run=self.dry_run,
+                candidates=batch,
             )
             self.report.blobs += rows
             if self.dry_run:
                 return
             for row in rows:  # the rows are gone (committed): now the bytes
+                freed += row.size
                 try:
                     await self.storage.delete(row.storage_key)
                 except Exception:
                     # Orphaned bytes, which GC's orphan sweep removes later.
                     log.exception("deleting the bytes of evicted blob %s failed", row.digest)
-            if len(rows) < BLOBS_PER_BATCH:
-                return
+            if sweep and len(rows) < BLOBS_PER_BATCH:
+                break
+        usage = self.report.usage
+        if usage is not None and freed:
+            if self.budgeted:
+                await self.measure()  # which upstream's bytes they were: measure those again
+            else:
+                # Every freed blob was linked only from the cache: the total drops by as much.
+                self.report.usage = CacheUsage(usage.total - freed, usage.by_prefix)
+
+    async def measure(self) -> None:
+        prefixes = list(self.config.upstreams)
+        self.report.usage = await self.meta.cache_usage(prefixes, per_prefix=self.budgeted)
 
     async def over_budget(self) -> list[CachedImage]:
         """The least recently used images whose bytes come to about the excess, if any."""
         cache = self.config.cache
-        budgeted = [name for name, up in self.config.upstreams.items() if up.max_bytes]
-        usage = await self.meta.cache_usage(list(self.config.upstreams), per_prefix=budgeted)
-        self.report.usage = usage
+        usage = self.report.usage
+        assert usage is not None  # measured before the first round
         chosen: dict[tuple[str, Digest], CachedImage] = {}
         for prefix, upstream in self.config.upstreams.items():
             excess = usage.by_prefix.get(prefix, 0) - upstream.max_bytes
@@ -239,7 +276,9 @@ class CacheEvictor:
         self._added: dict[str, int] = {}
         self._full = False
 
-    async def run(self, now: float | None = None, dry_run: bool = False) -> EvictionReport:
+    async def run(
+        self, now: float | None = None, dry_run: bool = False, *, sweep: bool = True
+    ) -> EvictionReport:
         async with self._lock:
             if self.pulls is not None and not dry_run:
                 await self.pulls.flush()
@@ -250,6 +289,7 @@ class CacheEvictor:
                 time.time() if now is None else now,
                 dry_run,
                 frozenset(self.in_use()) if self.in_use is not None else frozenset(),
+                sweep=sweep,
             )
             if report.usage is not None and not dry_run:
                 # Measured after the pass's last evictions: fills count from here on.
@@ -298,7 +338,7 @@ class CacheEvictor:
             self._again = False
             try:
                 if await self._needed():
-                    report = await self.run()
+                    report = await self.run(sweep=False)
                     if report.images or report.blobs:
                         log.info(
                             "cache eviction: %d image(s), %d blob(s), %d bytes freed",

@@ -268,9 +268,9 @@ class MetadataStore(Protocol):
         least recently used first."""
         ...
 
-    async def evict_image(self, image: CachedImage) -> bool:
+    async def evict_image(self, image: CachedImage) -> list[Digest] | None:
         """Delete a cached image (tags, manifest, index children) unless used since it was
-        listed; the blobs stay for ``collect_cached_blobs``."""
+        listed (None). Returns the blobs it referenced, for ``collect_cached_blobs``."""
         ...
 
     async def collect_cached_blobs(
@@ -281,8 +281,10 @@ class MetadataStore(Protocol):
         limit: int,
         *,
         dry_run: bool = False,
+        candidates: Collection[Digest] | None = None,
     ) -> list[BlobRow]:
-        """Delete the rows (and links) of unused blobs linked only under ``<prefix>/``.
+        """Delete the rows (and links) of unused blobs linked only under ``<prefix>/``
+        (only among ``candidates``, when given: at most ``limit`` of them).
 
         Unused: as GC's rule, with ``before`` as the (short) cache grace; a blob that any other
         repository links is kept, and so is every digest in ``exclude`` (fills in flight).

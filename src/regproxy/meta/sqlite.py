@@ -785,7 +785,7 @@ class SqliteMetadataStore:
         )
         return [CachedImage(row[0], Digest.parse(row[1]), row[2], int(row[3])) for row in rows]
 
-    async def evict_image(self, image: CachedImage) -> bool:
+    async def evict_image(self, image: CachedImage) -> list[Digest] | None:
         key = {"repo": image.repo, "digest": str(image.digest), "used": image.last_used}
         async with self._transaction() as db:
             # Still an image (no index took it in), and not pulled since it was chosen.
@@ -799,10 +799,10 @@ class SqliteMetadataStore:
                 )
             )
             if not rows:
-                return False
+                return None
             await db.execute("DELETE FROM tags WHERE repo = :repo AND digest = :digest", key)
-            await _prune_manifests(db, image.repo, {str(image.digest)})
-        return True
+            blobs = await _prune_manifests(db, image.repo, {str(image.digest)})
+        return [Digest.parse(digest) for digest in sorted(blobs)]
 
     async def collect_cached_blobs(
         self,
@@ -812,14 +812,19 @@ class SqliteMetadataStore:
         limit: int,
         *,
         dry_run: bool = False,
+        candidates: Collection[Digest] | None = None,
     ) -> list[BlobRow]:
-        if not prefixes:
+        if not prefixes or (candidates is not None and not candidates):
             return []
         cached, params = _cached_ranges(prefixes, "l")
         params.update(before=before, limit=limit)
         excluded = {f"x{i}": str(digest) for i, digest in enumerate(exclude)}
         params.update(excluded)
         skip = f" AND b.digest NOT IN ({', '.join(':' + n for n in excluded)})" if excluded else ""
+        if candidates is not None:
+            wanted = {f"w{i}": str(digest) for i, digest in enumerate(candidates)}
+            params.update(wanted)
+            skip += f" AND b.digest IN ({', '.join(':' + n for n in wanted)})"
         # Linked from a cache repository, unused by GC's own rule, and linked from no other
         # repository (cheapest test first: most cached blobs are still referenced).
         sql = (
@@ -876,10 +881,13 @@ def _prefix_range(prefix: str) -> dict[str, str]:
     return {"lo": prefix + "/", "hi": prefix + chr(ord("/") + 1)}
 
 
-async def _prune_manifests(db: aiosqlite.Connection, repo: str, digests: set[str]) -> None:
+async def _prune_manifests(db: aiosqlite.Connection, repo: str, digests: set[str]) -> set[str]:
     """Delete the manifests of ``digests`` that no tag and no index of repo points at any
-    more, then the same for the manifests they listed and their untagged referrers."""
+    more, then the same for the manifests they listed and their untagged referrers.
+
+    Returns the blobs the deleted manifests referenced (which may now be unused)."""
     pending = list(digests)
+    blobs: set[str] = set()
     while pending:
         digest = pending.pop()
         key = {"repo": repo, "digest": digest}
@@ -904,7 +912,16 @@ async def _prune_manifests(db: aiosqlite.Connection, repo: str, digests: set[str
                 key,
             )
         ]
+        blobs.update(
+            row[0]
+            for row in await db.execute_fetchall(
+                "SELECT child FROM manifest_references WHERE repo = :repo AND digest = :digest"
+                " AND is_manifest = 0",
+                key,
+            )
+        )
         await db.execute(
             "DELETE FROM manifest_references WHERE repo = :repo AND digest = :digest", key
         )
         await db.execute("DELETE FROM manifests WHERE repo = :repo AND digest = :digest", key)
+    return blobs
