@@ -13,7 +13,7 @@ from regproxy.lifecycle.retention import apply_retention
 from regproxy.oci import Digest
 from regproxy.tasks import HOSTED
 from tests.conftest import MakeClient
-from tests.helpers import Client, app_of, make_config, push_image
+from tests.helpers import OCI_INDEX, Client, app_of, make_config, push_image, push_manifest
 from tests.lifecycle.cache import age, flush_pulls, pull
 from tests.proxy.conftest import meta_of
 from tests.proxy.fakeupstream import FakeUpstream
@@ -167,3 +167,21 @@ async def test_gc_pass_of_a_serving_process_sees_its_latest_pulls(
     report = await run_pass(hosted.meta, hosted.storage, config, evictor=app[EVICTOR])
     assert [f"{t.repo}:{t.tag}" for t in report.tags] == ["app:old"]
     assert await tags(client, "app") == ["pulled"]
+
+
+async def test_a_removed_index_takes_its_children(make_client: MakeClient, tmp_path: Path) -> None:
+    client = await start(make_client, tmp_path, rule(repos=["app"], keep_last=1))
+    children = [await push_image(client, "app", f"child-{arch}", seed=arch) for arch in "ab"]
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [child.descriptor() for child in children],
+    }
+    index_digest = await push_manifest(client, "app", "multi", index)
+    for arch in "ab":  # the children lose their own tags; the index keeps them
+        assert (await client.delete(f"/v2/app/manifests/child-{arch}")).status == 202
+    await push_tags(client, "app", ["newer"])
+    assert await retention(client, dry_run=False) == ["app:multi"]
+    meta = meta_of(client)
+    for digest in (index_digest, *(child.digest for child in children)):
+        assert await meta.get_manifest("app", Digest.parse(digest)) is None
