@@ -7,7 +7,7 @@ blobs that only pull-through repositories link (``cache.max_bytes`` for all of t
 1. evicts the images nobody pulled for ``max_idle`` seconds;
 2. while a budget is exceeded (or, on the filesystem, free space is below
    ``cache.min_free_bytes``), evicts the least recently pulled images, about as many as the
-   excess, and frees their blobs right away, then measures again.
+   excess, frees their blobs right away and takes what they held off the measured size.
 
 Evicting an image deletes its tags, its manifest and the manifests an index lists, in one
 transaction that first checks it was not pulled since it was chosen. Its blobs then go by
@@ -40,7 +40,7 @@ from regproxy.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
 
-# Bounds of one pass: rounds of "evict, free, measure", and images looked at per round.
+# Bounds of one pass: rounds of "choose, evict, free", and images looked at per round.
 MAX_ROUNDS = 100
 IMAGES_PER_ROUND = 200
 BLOBS_PER_BATCH = 500
@@ -50,7 +50,7 @@ BLOBS_PER_BATCH = 500
 class EvictionReport:
     images: list[CachedImage] = field(default_factory=list)
     blobs: list[BlobRow] = field(default_factory=list)
-    # The cache's size as last measured in the pass (after its evictions but the last round's).
+    # The cache's size after the pass: measured, less the blobs freed since.
     usage: CacheUsage | None = None
 
     @property
