@@ -196,8 +196,8 @@ class CacheConfig:
     # Seconds after its last pull (or link) during which eviction leaves a cached image and its
     # blobs alone, so a pull that another process is serving right now is not cut off.
     grace: float = 60.0
-    # Seconds between writes of "last pulled" times (hosted tags and cached images): pulls are
-    # counted in memory and written in one transaction per period, never one per request.
+    # Seconds: "last pulled" times (hosted tags and cached images) are noted in memory and
+    # written in batches, at most once per manifest per period, never once per request.
     pull_flush_interval: float = 60.0
 
 
