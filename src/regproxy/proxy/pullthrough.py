@@ -210,6 +210,7 @@ class PullThroughRegistry:
         fill = Fill(digest, self.spool_dir)
         fill.repos.add(repo)
         self._fills[str(digest)] = fill
+        stored = [True]  # cleared when storage was full and the blob was not cached
 
         async def fetch(tee: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]) -> None:
             async with upstream.get_blob(remote, digest) as response:
@@ -231,7 +232,7 @@ class PullThroughRegistry:
                     await _verify_spool(fill, digest)
                     log.warning("storage full: served %s without caching it", digest)
                     fill.set_size(fill.written)
-                    self._fill_done(repo, 0, storage_full=True)
+                    stored.clear()
                     return
             fill.set_size(fill.written)
             for other in fill.repos - {repo}:
@@ -246,10 +247,12 @@ class PullThroughRegistry:
                     del self._fills[str(digest)]
             if fill.error is not None:
                 log.warning("upstream fetch of %s from %s failed: %r", digest, remote, fill.error)
-            else:
+            elif stored:
                 elapsed = time.monotonic() - started
                 log.info("cached %s, %d bytes, in %.2fs", digest, fill.written, elapsed)
                 self._fill_done(repo, fill.written)  # it may take the cache over its budget
+            else:
+                self._fill_done(repo, 0, storage_full=True)
 
         self._spawn(run())
         return fill
