@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import suppress
 
@@ -34,11 +36,21 @@ async def _purge_uploads(hosted: HostedRegistry, max_age: float, interval: float
 async def _collect_garbage(
     hosted: HostedRegistry, config: Config, evictor: CacheEvictor | None
 ) -> None:
-    """A GC pass every gc.interval seconds (other processes may run theirs meanwhile)."""
+    """A GC pass every gc.interval seconds (other processes may run theirs meanwhile).
+
+    The orphan sweep, which lists all of storage, comes along at most once per
+    uploads.purge_interval: an orphan waits uploads.max_age anyway.
+    """
+    last_sweep = -math.inf
     while True:
         await asyncio.sleep(config.gc.interval)
+        sweep = time.monotonic() - last_sweep >= config.uploads.purge_interval
         try:
-            report = await run_pass(hosted.meta, hosted.storage, config, evictor=evictor)
+            report = await run_pass(
+                hosted.meta, hosted.storage, config, evictor=evictor, sweep=sweep
+            )
+            if sweep:
+                last_sweep = time.monotonic()
             if report.bytes_freed or report.manifests or report.tags:
                 log.info("%s", report.summary())
         except Exception:

@@ -74,6 +74,7 @@ async def run_pass(
     now: float | None = None,
     out: Callable[[str], None] | None = None,
     evictor: CacheEvictor | None = None,
+    sweep: bool = True,
 ) -> PassReport:
     """One pass; ``out`` is told of each thing deleted (or, in a dry run, that would be)."""
     now = time.time() if now is None else now
@@ -122,9 +123,10 @@ async def run_pass(
                 report.blobs.append(blob)
                 say(f"{verb} blob {blob.digest} ({blob.size} bytes)")
 
-    report.orphans = await sweep_orphans(
-        meta, storage, now - config.uploads.max_age, dry_run=dry_run, out=out
-    )
+    if sweep:  # the orphan sweep lists all of storage: the serving process runs it less often
+        report.orphans = await sweep_orphans(
+            meta, storage, now - config.uploads.max_age, dry_run=dry_run, out=out
+        )
     return report
 
 
