@@ -133,3 +133,20 @@ async def test_pending_pulls_are_written_on_shutdown(
     finally:
         await meta.close()
     assert rows[0][0] is not None
+
+
+async def test_a_write_cancelled_midway_leaves_the_store_usable(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await make_client(make_config(tmp_path))
+    image = await push_image(client, "team/app", "1")
+    meta = sqlite_meta(client)
+    pull = [("team/app", Digest.parse(image.digest), time.time())]
+    for steps in range(12):  # cancel at every point: before, during and after BEGIN, COMMIT
+        task = asyncio.create_task(meta.record_pulls(pull))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await meta.record_pulls(pull)  # not "cannot start a transaction within a transaction"
+    assert await last_pulled(client, "team/app", image.digest) == pytest.approx(pull[0][2])

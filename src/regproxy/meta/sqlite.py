@@ -8,6 +8,7 @@ the file: ``BEGIN IMMEDIATE`` and a busy timeout serialize their writers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import sqlite3
@@ -160,14 +161,17 @@ class SqliteMetadataStore:
     async def _transaction(self, *, commit: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
             try:
-                await self._writer.execute("BEGIN IMMEDIATE")
                 try:
+                    await self._writer.execute("BEGIN IMMEDIATE")
                     yield self._writer
+                    await self._writer.execute("COMMIT" if commit else "ROLLBACK")
                 except BaseException:
-                    if self._writer.in_transaction:  # SQLite may have rolled back already
+                    # Also when cancelled while BEGIN or COMMIT still runs on the connection's
+                    # thread: this ROLLBACK is queued behind it, so no transaction stays open
+                    # for the next writer. SQLite may have rolled back already: then it fails.
+                    with contextlib.suppress(sqlite3.OperationalError):
                         await self._writer.execute("ROLLBACK")
                     raise
-                await self._writer.execute("COMMIT" if commit else "ROLLBACK")
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
                     # The same error as a full disk under the blobs: callers handle one kind.
