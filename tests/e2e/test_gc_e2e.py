@@ -450,3 +450,38 @@ async def test_two_servers_on_one_database_and_bucket_race_pushes(
             "check", data_dir=data_dir, config=tmp_path / "one" / "config.toml"
         )
         assert rc == 0, out
+
+
+# -- regproxy check ---------------------------------------------------------------------------
+
+
+async def test_regproxy_check_exit_codes(tmp_path: Path) -> None:
+    async with regproxy(tmp_path / "regproxy") as server:
+        flipped, deleted = os.urandom(50_000), os.urandom(40_000)
+        async with aiohttp.ClientSession() as session:
+            pusher = Pusher(server, session, "check")
+            for data in (flipped, deleted):
+                await pusher.push_blob("e2e/check", data)
+        rc, out = await regproxy_cli("check", "--deep", data_dir=server.data_dir)
+        assert rc == 0 and "0 broken" in out, out
+
+        files = {
+            f"sha256:{p.name.partition('.')[0]}": p
+            for p in (server.data_dir / "blobs" / "blobs").rglob("*")
+            if p.is_file()
+        }
+        path = files[sha256_of(flipped)]
+        data = bytearray(path.read_bytes())
+        data[1234] ^= 0x80
+        path.write_bytes(bytes(data))
+        files[sha256_of(deleted)].unlink()
+
+        rc, out = await regproxy_cli("check", data_dir=server.data_dir)
+        assert rc == 1, out  # the missing file; the flipped byte keeps the size
+        assert f"{sha256_of(deleted)}" in out and "bytes missing" in out
+        assert sha256_of(flipped) not in out
+        rc, out = await regproxy_cli("check", "--deep", "--repair", data_dir=server.data_dir)
+        assert rc == 1, out
+        assert f"broken hosted blob {sha256_of(flipped)}" in out and "content has digest" in out
+        assert f"cannot repair {sha256_of(deleted)}" in out
+        assert "2 broken (2 hosted), 0 repaired" in out
