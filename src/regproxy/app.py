@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
@@ -26,6 +27,8 @@ from regproxy.auth.rules import upstream_prefixes
 from regproxy.auth.service import AUTH, build_authenticator
 from regproxy.config import Config, ConfigError, UpstreamConfig
 from regproxy.errors import Unavailable
+from regproxy.lifecycle.eviction import EVICTOR, CacheEvictor
+from regproxy.lifecycle.pulls import PULLS, PullRecorder
 from regproxy.meta.base import MetadataStore
 from regproxy.meta.postgres import PostgresMetadataStore
 from regproxy.meta.sqlite import SqliteMetadataStore
@@ -78,15 +81,14 @@ def _without_password(dsn: str) -> str:
     return str(url.with_password(None)) if url.password else dsn
 
 
-async def _stores(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
+@contextlib.asynccontextmanager
+async def open_stores(config: Config) -> AsyncIterator[tuple[MetadataStore, BlobStore]]:
+    """The metadata store and the blob store, for serving and for the lifecycle commands."""
     config.data_path.mkdir(parents=True, exist_ok=True)
     meta = await _metadata_store(config)
     try:
         async with _blob_store(config) as storage:
-            timed = InstrumentedBlobStore(storage, app[METRICS], config.storage.backend)
-            app[HOSTED] = HostedRegistry(meta, timed)
-            yield
+            yield meta, storage
     finally:
         await meta.close()
 
@@ -102,6 +104,14 @@ async def prepare(config: Config) -> None:
     await meta.close()
     async with _blob_store(config):
         pass
+
+
+async def _stores(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    async with open_stores(config) as (meta, storage):
+        timed = InstrumentedBlobStore(storage, app[METRICS], config.storage.backend)
+        app[HOSTED] = HostedRegistry(meta, timed, gc_grace=config.gc.grace)
+        yield
 
 
 def _client_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
@@ -135,8 +145,10 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     )
     await proxy.reconcile_spool(config.uploads.max_age)
     _scrape_queries(metrics, app[HOSTED].meta, list(upstreams))
-    app[REGISTRY] = RegistryRouter(app[HOSTED], proxy, config.default_upstream)
     app[PULL_THROUGH] = proxy
+    app[REGISTRY] = RegistryRouter(
+        app[HOSTED], proxy, config.default_upstream, on_pull=app[PULLS].record
+    )
     try:
         yield
     finally:
@@ -156,7 +168,7 @@ def _scrape_queries(metrics: Metrics, meta: MetadataStore, upstreams: list[str])
         )
         blobs = gauge("registry_proxy_cache_blobs", "Blobs in an upstream's cache.", ["upstream"])
         for name in upstreams:
-            count, total = await meta.cache_usage(name)
+            count, total = await meta.cache_totals(name)
             size.add_metric([name], total)
             blobs.add_metric([name], count)
         return [size, blobs]
@@ -170,6 +182,35 @@ def _scrape_queries(metrics: Metrics, meta: MetadataStore, upstreams: list[str])
     metrics.add_scrape_query(uploads)
     for name in upstreams:
         metrics.upstream_added(name)
+
+
+async def _pull_recorder(app: web.Application) -> AsyncIterator[None]:
+    """Pull times, batched in memory and written every cache.pull_flush_interval seconds."""
+    recorder = PullRecorder(app[HOSTED].meta, app[CONFIG].cache.pull_flush_interval)
+    app[PULLS] = recorder
+    task = asyncio.create_task(recorder.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await recorder.close()  # the pulls since the last flush
+
+
+async def _cache_evictor(app: web.Application) -> AsyncIterator[None]:
+    """Cache eviction after each fill (and for GC passes in this process)."""
+    proxy = app[PULL_THROUGH]
+    hosted = app[HOSTED]
+    evictor = CacheEvictor(
+        hosted.meta, hosted.storage, app[CONFIG], pulls=app[PULLS], in_use=proxy.filling
+    )
+    app[EVICTOR] = evictor
+    proxy.on_fill_done = evictor.fill_done
+    try:
+        yield
+    finally:
+        proxy.on_fill_done = None
+        await evictor.close()
 
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
@@ -193,7 +234,9 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app[AUTH] = auth
     app[IN_FLIGHT] = in_flight
     app.cleanup_ctx.append(_stores)
+    app.cleanup_ctx.append(_pull_recorder)
     app.cleanup_ctx.append(_registry)
+    app.cleanup_ctx.append(_cache_evictor)
     app.cleanup_ctx.append(background_tasks)
     app.on_response_prepare.append(add_common_headers)
     add_routes(app)

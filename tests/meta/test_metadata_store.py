@@ -359,18 +359,18 @@ async def test_summaries_of_images_tags_and_repositories(store: MetadataStore) -
     image_size = len(image.content) + 1010
     index_size = len(index.content) + len(child.content)
 
-    cached = await store.cached_images("hub")
+    cached = await store.cached_tags("hub")
     assert [(i.repo, i.tag, i.digest, i.size) for i in cached] == [
         ("hub/library/app", "latest", image.digest, image_size),
         ("hub/library/app", "multi", index.digest, index_size),
         ("hub/library/app", "v1", image.digest, image_size),
     ]
-    blobs, stored = await store.cache_usage("hub")
+    blobs, stored = await store.cache_totals("hub")
     assert (blobs, stored) == (
         2,
         1010 + len(image.content) + len(child.content) + len(index.content),
     )
-    assert await store.cache_usage("nothing") == (0, 0)
+    assert await store.cache_totals("nothing") == (0, 0)
 
     tags = await store.list_tag_summaries("hosted/app", "", 2)
     assert [(t.tag, t.digest, t.size, t.missing) for t in tags] == [

@@ -257,7 +257,9 @@ class PostgresMetadataStore:
 
     async def blob_repositories(self, digest: Digest) -> list[str]:
         rows = await self._all(
-            "SELECT repo FROM repository_blobs WHERE digest = $1 ORDER BY repo", str(digest)
+            "SELECT repo FROM repository_blobs WHERE digest = $1"
+            " UNION SELECT repo FROM manifest_references WHERE child = $1 ORDER BY 1",
+            str(digest),
         )
         return [row[0] for row in rows]
 
@@ -514,7 +516,7 @@ class PostgresMetadataStore:
     async def ping(self) -> None:
         await self._one("SELECT 1")
 
-    async def cache_usage(self, prefix: str) -> tuple[int, int]:
+    async def cache_totals(self, prefix: str) -> tuple[int, int]:
         low, high = _prefix_range(prefix)
         row = await self._one(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs WHERE digest IN"
@@ -534,7 +536,7 @@ class PostgresMetadataStore:
         row = await self._one("SELECT COUNT(*) FROM uploads")
         return int(row[0])
 
-    async def cached_images(self, prefix: str) -> list[ImageSummary]:
+    async def cached_tags(self, prefix: str) -> list[ImageSummary]:
         low, high = _prefix_range(prefix)
         rows = await self._all(
             "WITH RECURSIVE reach(root_repo, root_tag, repo, digest) AS ("

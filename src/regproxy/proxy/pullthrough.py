@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 import re
 import time
@@ -39,6 +40,7 @@ from regproxy.errors import (
     NameUnknown,
     RegistryError,
     SizeInvalid,
+    StorageFull,
     TooManyRequests,
     Unavailable,
 )
@@ -49,7 +51,7 @@ from regproxy.proxy.auth import TokenError
 from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone, reconcile_spool
 from regproxy.proxy.upstream import Upstream, UpstreamInvalid, UpstreamStatus
 from regproxy.registry.base import ContentRange
-from regproxy.registry.hosted import HostedRegistry
+from regproxy.registry.hosted import HostedRegistry, is_storage_full
 from regproxy.registry.manifest import lookup_reference, parse_manifest
 from regproxy.streams import rechunk
 
@@ -142,6 +144,9 @@ class PullThroughRegistry:
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flights: dict[tuple[str, str], asyncio.Future[ManifestRow]] = {}
+        # Told of each fill that ended (cache eviction: lifecycle/eviction.py): the repository,
+        # the bytes it stored (0: not cached) and whether storage was full.
+        self.on_fill_done: Callable[[str, int, bool], None] | None = None
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     async def reconcile_spool(self, max_age: float) -> None:
@@ -170,6 +175,14 @@ class PullThroughRegistry:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def filling(self) -> frozenset[Digest]:
+        """Digests whose fills are in flight: cache eviction leaves their blobs alone."""
+        return frozenset(fill.digest for fill in self._fills.values())
+
+    def _fill_done(self, repo: str, stored: int, storage_full: bool = False) -> None:
+        if self.on_fill_done is not None:
+            self.on_fill_done(repo, stored, storage_full)
 
     def namespace_prefix(self, ns: str) -> str | None:
         for name, upstream in self.upstreams.items():
@@ -228,9 +241,12 @@ class PullThroughRegistry:
         if fill is None:
             self._check_blob_miss(upstream, repo, digest)
             known = await self.meta.get_blob(digest)
-            if known is not None and await self._upstream_has(upstream, remote, digest):
+            if (
+                known is not None
+                and await self._upstream_has(upstream, remote, digest)
+                and await self.meta.link_blob(repo, digest)  # False: collected meanwhile
+            ):
                 # Stored already (another repository, or pushed): no need to fetch it again.
-                await self.meta.link_blob(repo, digest)
                 self._outcome(repo, "blob", HIT)
                 return known
             fill = self._fills.get(str(digest))
@@ -316,6 +332,7 @@ class PullThroughRegistry:
         fill = Fill(digest, self.spool_dir)
         fill.repos.add(repo)
         self._fills[str(digest)] = fill
+        stored = [True]  # cleared when storage was full and the blob was not cached
 
         async def fetch(fill: Fill) -> None:
             rest = fill.tee(self._upstream_body(upstream, remote, digest, fill))
@@ -337,7 +354,26 @@ class PullThroughRegistry:
             try:
                 await fill.note_upload(upload.id)
                 # Clients see each piece as it arrives; storage and hashing get big chunks.
-                await self.hosted.finish_upload(repo, upload.id, rechunk(body()), digest)
+                chunks = rechunk(body())
+                try:
+                    await self.hosted.finish_upload(repo, upload.id, chunks, digest)
+                except (StorageFull, OSError) as exc:
+                    # Cache eviction (lifecycle/eviction.py): storage is full, so this fetch
+                    # is served from the spool without being cached; the client never gets an
+                    # error because the cache is full. The rest of the body goes to the spool,
+                    # whose digest is checked before the last byte is released.
+                    if not isinstance(exc, StorageFull) and not is_storage_full(exc):
+                        raise
+                    async for _ in chunks:
+                        pass
+                    await _verify_spool(fill, digest)
+                    log.warning("storage full: served %s without caching it", digest)
+                    self.metrics.pulled(upstream.name, "blob", fill.written - fill.resumed)
+                    fill.set_size(fill.written)
+                    stored.clear()
+                    with suppress(BlobUploadUnknown):
+                        await self.hosted.cancel_upload(repo, upload.id)
+                    return
             except BaseException:
                 with suppress(BlobUploadUnknown):  # a digest mismatch already removed it
                     await self.hosted.cancel_upload(repo, upload.id)
@@ -367,7 +403,7 @@ class PullThroughRegistry:
                     remote,
                     describe_error(fill.error),
                 )
-            else:
+            elif stored:
                 elapsed = time.monotonic() - started
                 log.info(
                     "cached %s, %d bytes (%d resumed from the spool), in %.2fs",
@@ -376,6 +412,9 @@ class PullThroughRegistry:
                     fill.resumed,
                     elapsed,
                 )
+                self._fill_done(repo, fill.written)  # it may take the cache over its budget
+            else:
+                self._fill_done(repo, 0, storage_full=True)
 
         self._spawn(run())
         return fill
@@ -808,6 +847,20 @@ def _resumable(exc: BaseException) -> bool:
     if isinstance(exc, UpstreamStatus):
         return exc.status == 429 or exc.status >= 500
     return True
+
+
+async def _verify_spool(fill: Fill, digest: Digest) -> None:
+    """Check the digest of a fill's spool (when storage, which checks it otherwise, is full)."""
+
+    def digest_of_spool() -> str:
+        hasher = hashlib.new(digest.algorithm)
+        with open(fill.spool, "rb") as spool:
+            while chunk := spool.read(1 << 20):
+                hasher.update(chunk)
+        return hasher.hexdigest()
+
+    if await asyncio.to_thread(digest_of_spool) != digest.hex:
+        raise DigestInvalid(f"the upstream's bytes for {digest} have another digest")
 
 
 def _blob_error(exc: BaseException, digest: Digest) -> RegistryError:

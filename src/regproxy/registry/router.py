@@ -18,14 +18,23 @@ from regproxy.proxy.pullthrough import FILLING, PullThroughRegistry
 from regproxy.registry.base import ContentRange, Registry
 from regproxy.registry.hosted import HostedRegistry
 
+# Told of every manifest served (GET or HEAD, by tag or digest): repository and digest.
+OnPull = Callable[[str, Digest], None]
+
 
 class RegistryRouter:
     def __init__(
-        self, hosted: HostedRegistry, proxy: PullThroughRegistry, default_upstream: str = ""
+        self,
+        hosted: HostedRegistry,
+        proxy: PullThroughRegistry,
+        default_upstream: str = "",
+        on_pull: OnPull | None = None,
     ) -> None:
         self.hosted = hosted
         self.proxy = proxy
         self.default_upstream = default_upstream
+        # Pull times for retention and cache eviction, hosted and cached alike (no I/O here).
+        self.on_pull = on_pull
 
     def namespace_prefix(self, ns: str) -> str | None:
         return self.proxy.namespace_prefix(ns)
@@ -66,7 +75,10 @@ class RegistryRouter:
 
     async def get_manifest(self, repo: str, reference: str) -> ManifestRow:
         registry, repo = await self._for_read(repo)
-        return await registry.get_manifest(repo, reference)
+        manifest = await registry.get_manifest(repo, reference)
+        if self.on_pull is not None:
+            self.on_pull(repo, manifest.digest)
+        return manifest
 
     async def list_tags(self, repo: str, last: str, limit: int) -> list[str]:
         registry, repo = await self._for_read(repo)
