@@ -2,16 +2,22 @@
 deletes rows then bytes, the orphan sweep, and how pushes, mounts and HEADs keep blobs alive.
 
 Each test drives the registry through HTTP and runs GC passes on the app's own stores; a pass
-with ``now`` in the future stands for time passing.
+with ``now`` in the future stands for time passing. Every test runs on SQLite and on
+PostgreSQL (``gc_config``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import asyncpg
+import pytest
 
 from regproxy.api.keys import CONFIG
 from regproxy.config import Config
@@ -37,6 +43,7 @@ from tests.helpers import (
     push_image,
     push_manifest,
 )
+from tests.pgfixtures import PostgresServer, postgres_server  # noqa: F401
 
 HOUR = 3600.0
 
@@ -81,24 +88,65 @@ async def catalog(client: Client) -> list[str]:
     return repos
 
 
-def age_links(config: Config, seconds: float) -> None:
-    """Make every link and blob row look ``seconds`` older (the test's clock is real)."""
+async def run_sql(config: Config, sql: str, *params: Any) -> None:
+    """Change the metadata behind the app's back (``?`` placeholders), on either backend."""
+    if config.metadata.backend == "postgres":
+        numbered = iter(range(1, len(params) + 1))
+        conn = await asyncpg.connect(config.metadata.dsn)
+        try:
+            await conn.execute(re.sub(r"\?", lambda _: f"${next(numbered)}", sql), *params)
+        finally:
+            await conn.close()
+        return
     with sqlite3.connect(config.data_path / "metadata.sqlite") as db:
-        db.execute("UPDATE repository_blobs SET linked = linked - ?", (seconds,))
-        db.execute("UPDATE blobs SET created = created - ?", (seconds,))
-        db.execute("UPDATE manifests SET created = created - ?", (seconds,))
+        db.execute(sql, params)
 
 
-def gc_config(tmp_path: Path, **overrides: Any) -> Config:
-    values: dict[str, Any] = {"gc__interval": 0.0, "gc__grace": HOUR}
-    values.update(overrides)
-    return make_config(tmp_path, **values)
+async def age_links(config: Config, seconds: float) -> None:
+    """Make every link and blob row look ``seconds`` older (the test's clock is real)."""
+    await run_sql(config, "UPDATE repository_blobs SET linked = linked - ?", seconds)
+    await run_sql(config, "UPDATE blobs SET created = created - ?", seconds)
+    await run_sql(config, "UPDATE manifests SET created = created - ?", seconds)
+
+
+GcConfig = Callable[..., Awaitable[Config]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)  # autouse: set up before (so dropped after) the test's apps
+async def gc_config(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[GcConfig]:
+    """Configurations for GC tests, on each metadata backend (a new database each)."""
+    server: PostgresServer | None = None
+    if backend == "postgres":
+        server = request.getfixturevalue("postgres_server")
+    databases: list[str] = []
+
+    async def make(tmp_path: Path, **overrides: Any) -> Config:
+        values: dict[str, Any] = {"gc__interval": 0.0, "gc__grace": HOUR}
+        if server is not None:
+            databases.append(await server.create_database())
+            # A password (the test server trusts any) and no TLS: asyncpg then reads neither
+            # ~/.pgpass nor ~/.postgresql/ (blocking file reads on the event loop, which
+            # blockbuster fails the test for) whenever the pool opens a connection.
+            dsn = databases[-1].replace("postgres@", "postgres:unused@", 1) + "?sslmode=disable"
+            values.update(metadata__backend="postgres", metadata__dsn=dsn)
+        values.update(overrides)
+        return make_config(tmp_path, **values)
+
+    yield make
+    for dsn in databases:
+        if server is not None and server.running:
+            await server.drop_database(dsn)
 
 
 async def test_a_blob_no_manifest_references_goes_after_the_grace(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path)
+    config = await gc_config(tmp_path)
     client = await make_client(config)
     digest = await push_blob(client, "app", b"only pushed, never referenced")
     report = await gc(client)
@@ -115,9 +163,9 @@ async def test_a_blob_no_manifest_references_goes_after_the_grace(
 
 
 async def test_deleting_an_image_frees_only_what_no_other_image_uses(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path, gc__grace=0.0)
+    config = await gc_config(tmp_path, gc__grace=0.0)
     client = await make_client(config)
     shared = b"a base layer shared by both repositories" * 10
     images = {}
@@ -154,10 +202,10 @@ async def test_deleting_an_image_frees_only_what_no_other_image_uses(
 
 
 async def test_untagged_manifests_stay_unless_configured(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
     for untagged in ("keep", "delete"):
-        config = gc_config(tmp_path / untagged, gc__grace=0.0, gc__untagged=untagged)
+        config = await gc_config(tmp_path / untagged, gc__grace=0.0, gc__untagged=untagged)
         client = await make_client(config)
         image = await push_image(client, "app", "v1")
         resp = await client.delete("/v2/app/manifests/v1")  # the tag only
@@ -174,9 +222,9 @@ async def test_untagged_manifests_stay_unless_configured(
 
 
 async def test_an_untagged_manifest_waits_for_the_grace(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path, gc__untagged="delete")
+    config = await gc_config(tmp_path, gc__untagged="delete")
     client = await make_client(config)
     image = await push_image(client, "app", "v1")
     await client.delete("/v2/app/manifests/v1")
@@ -187,9 +235,9 @@ async def test_an_untagged_manifest_waits_for_the_grace(
 
 
 async def test_an_index_keeps_its_children_and_frees_them_when_it_goes(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path, gc__grace=0.0, gc__untagged="delete")
+    config = await gc_config(tmp_path, gc__grace=0.0, gc__untagged="delete")
     client = await make_client(config)
     amd = await push_image(client, "multi", "amd64-tmp", seed="amd64")
     arm = await push_image(client, "multi", "arm64-tmp", seed="arm64")
@@ -213,9 +261,9 @@ async def test_an_index_keeps_its_children_and_frees_them_when_it_goes(
 
 
 async def test_a_referrer_lives_as_long_as_its_subject(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path, gc__grace=0.0, gc__untagged="delete")
+    config = await gc_config(tmp_path, gc__grace=0.0, gc__untagged="delete")
     client = await make_client(config)
     subject = await push_image(client, "app", "v1")
     await push_blob(client, "app", b"{}")
@@ -241,9 +289,9 @@ async def test_a_referrer_lives_as_long_as_its_subject(
 
 
 async def test_a_manifest_put_after_its_blob_was_collected_is_refused_cleanly(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path, gc__grace=0.0)
+    config = await gc_config(tmp_path, gc__grace=0.0)
     client = await make_client(config)
     config_blob = canonical({"architecture": "amd64", "os": "linux"})
     layer = b"a layer collected before its manifest came" * 10
@@ -271,13 +319,13 @@ async def test_a_manifest_put_after_its_blob_was_collected_is_refused_cleanly(
 
 
 async def test_a_head_that_answers_exists_keeps_the_blob_for_another_grace(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path, gc__grace=100.0)
+    config = await gc_config(tmp_path, gc__grace=100.0)
     client = await make_client(config)
     meta = app_of(client)[HOSTED].meta
     digest = await push_blob(client, "app", b"pushed long ago")
-    age_links(config, 80.0)  # older than a quarter of the grace
+    await age_links(config, 80.0)  # older than a quarter of the grace
     before = await meta.get_repo_blob("app", Digest.parse(digest))
     assert before is not None and before.linked is not None
 
@@ -295,12 +343,12 @@ async def test_a_head_that_answers_exists_keeps_the_blob_for_another_grace(
 
 
 async def test_a_mount_refreshes_the_link_and_a_collected_blob_is_uploaded_instead(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path, gc__grace=100.0)
+    config = await gc_config(tmp_path, gc__grace=100.0)
     client = await make_client(config)
     digest = await push_blob(client, "source", b"mounted elsewhere")
-    age_links(config, 150.0)
+    await age_links(config, 150.0)
     resp = await client.post(
         "/v2/target/blobs/uploads/", params={"mount": digest, "from": "source"}
     )
@@ -317,9 +365,9 @@ async def test_a_mount_refreshes_the_link_and_a_collected_blob_is_uploaded_inste
 
 
 async def test_a_dry_run_lists_everything_and_deletes_nothing(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path, gc__grace=0.0, gc__untagged="delete")
+    config = await gc_config(tmp_path, gc__grace=0.0, gc__untagged="delete")
     client = await make_client(config)
     image = await push_image(client, "app", "v1")
     await client.delete("/v2/app/manifests/v1")
@@ -338,9 +386,9 @@ async def test_a_dry_run_lists_everything_and_deletes_nothing(
 
 
 async def test_the_sweep_removes_old_orphans_and_keeps_young_ones(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path, uploads__max_age=60.0)
+    config = await gc_config(tmp_path, uploads__max_age=60.0)
     client = await make_client(config)
     digest = await push_blob(client, "app", b"a blob with a row")
     in_progress = (await client.post("/v2/app/blobs/uploads/")).headers["Docker-Upload-UUID"]
@@ -375,17 +423,16 @@ async def test_the_sweep_removes_old_orphans_and_keeps_young_ones(
 
 
 async def test_a_blob_stored_under_the_old_key_is_served_and_collected(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, gc_config: GcConfig
 ) -> None:
-    config = gc_config(tmp_path, gc__grace=0.0)
+    config = await gc_config(tmp_path, gc__grace=0.0)
     client = await make_client(config)
     data = b"stored before keys had upload ids"
     digest = await push_blob(client, "app", data)
     [path] = files_under(config.storage_path / "blobs")
     legacy = path.with_name(digest[7:])
     path.rename(legacy)
-    with sqlite3.connect(config.data_path / "metadata.sqlite") as db:
-        db.execute("UPDATE blobs SET storage_key = ?", (f"sha256/{digest[7:9]}/{digest[7:]}",))
+    await run_sql(config, "UPDATE blobs SET storage_key = ?", f"sha256/{digest[7:9]}/{digest[7:]}")
     resp = await client.get(f"/v2/app/blobs/{digest}")
     assert resp.status == 200 and await resp.read() == data
     report = await gc(client)
