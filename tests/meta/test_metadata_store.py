@@ -691,3 +691,33 @@ async def test_list_blobs_and_known_keys_and_uploads(store: MetadataStore) -> No
     await store.create_upload(upload("u2", 10.0))
     assert await store.known_upload_ids(["u1", "nope", "u2"]) == {"u1", "u2"}
     assert await store.known_upload_ids([]) == set()
+
+
+async def test_gc_racing_manifest_puts_never_leaves_a_dangling_reference(
+    open_store: OpenStore,
+) -> None:
+    """GC passes (everything stale) race pushes that check their references, from two stores
+    (two processes or replicas): a manifest is accepted only if its blob survives, else it is
+    refused with the blob reported missing; never accepted with its blob collected."""
+    pusher, collector = await open_store(), await open_store()
+    later = time.time() + 3600
+    for i in range(15):
+        layer = blob(f"race-{i}")
+        await pusher.add_blob("app", layer)
+        top, refs = image(f"race-{i}", layer)
+
+        async def gc_pass() -> None:
+            async for _ in collector.collect_garbage(later, untagged=False, batch=1):
+                pass
+
+        missing, _ = await asyncio.gather(
+            pusher.put_manifest("app", top, refs, [f"t{i}"], check_references=True), gc_pass()
+        )
+        await gc_pass()  # and once more after the push
+        stored = await pusher.get_manifest("app", top.digest)
+        if missing:
+            assert missing == refs and stored is None
+            assert await pusher.get_blob(layer.digest) is None
+        else:
+            assert stored == top
+            assert await pusher.get_repo_blob("app", layer.digest) == layer
