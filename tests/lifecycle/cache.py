@@ -10,6 +10,7 @@ from typing import Any
 from regproxy.api.keys import CONFIG
 from regproxy.lifecycle.eviction import EVICTOR
 from regproxy.lifecycle.pulls import PULLS
+from regproxy.meta.postgres import PostgresMetadataStore
 from regproxy.meta.sqlite import SqliteMetadataStore
 from regproxy.proxy.pullthrough import PULL_THROUGH as PROXY
 from regproxy.tasks import HOSTED
@@ -73,16 +74,33 @@ def sqlite_meta(client: Client) -> SqliteMetadataStore:
 async def age(client: Client, seconds: float, repo: str | None = None) -> None:
     """Move every push, pull and link time (of one repository, or all) ``seconds`` back."""
     await flush_pulls(client)  # pulls noted so far age too
-    where, params = (" WHERE repo = ?", (seconds, repo)) if repo else ("", (seconds,))
+    where = " WHERE repo = ?" if repo else ""
+    statements = [
+        f"UPDATE tags SET updated = updated - ?{where}",
+        f"UPDATE manifests SET created = created - ?{where}",
+        f"UPDATE manifests SET last_pulled = last_pulled - ?{where}"
+        + (" AND" if repo else " WHERE")
+        + " last_pulled IS NOT NULL",
+        f"UPDATE repository_blobs SET linked = linked - ?{where}",
+    ]
+    if repo is None:
+        statements.append("UPDATE blobs SET created = created - ?")
+    params = (seconds, repo) if repo else (seconds,)
+    meta = app_of(client)[HOSTED].meta
+    if isinstance(meta, PostgresMetadataStore):
+
+        async def work(db: Any) -> None:
+            for sql in statements:
+                await db.execute(_numbered(sql), *params)
+
+        await meta._transaction(work)
+        return
     async with sqlite_meta(client)._transaction() as db:
-        await db.execute(f"UPDATE tags SET updated = updated - ?{where}", params)
-        await db.execute(f"UPDATE manifests SET created = created - ?{where}", params)
-        await db.execute(
-            f"UPDATE manifests SET last_pulled = last_pulled - ?{where}"
-            + (" AND" if repo else " WHERE")
-            + " last_pulled IS NOT NULL",
-            params,
-        )
-        await db.execute(f"UPDATE repository_blobs SET linked = linked - ?{where}", params)
-        if repo is None:
-            await db.execute("UPDATE blobs SET created = created - ?", (seconds,))
+        for sql in statements:
+            await db.execute(sql, params)
+
+
+def _numbered(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1``, ``$2``..."""
+    first, *rest = sql.split("?")
+    return first + "".join(f"${n}{part}" for n, part in enumerate(rest, 1))

@@ -12,7 +12,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,11 @@ from tests.helpers import (
     descriptor,
     digest_of,
     files_under,
-    make_config,
     push_blob,
     push_image,
     push_manifest,
 )
-from tests.pgfixtures import PostgresServer, postgres_server  # noqa: F401
+from tests.lifecycle.conftest import LifecycleConfig
 
 HOUR = 3600.0
 
@@ -110,37 +109,19 @@ async def age_links(config: Config, seconds: float) -> None:
 
 
 GcConfig = Callable[..., Awaitable[Config]]
+pytestmark = pytest.mark.usefixtures("lifecycle_config")  # every test on each backend
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture(autouse=True)  # autouse: set up before (so dropped after) the test's apps
-async def gc_config(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[GcConfig]:
-    """Configurations for GC tests, on each metadata backend (a new database each)."""
-    server: PostgresServer | None = None
-    if backend == "postgres":
-        server = request.getfixturevalue("postgres_server")
-    databases: list[str] = []
+@pytest.fixture
+def gc_config(lifecycle_config: LifecycleConfig) -> GcConfig:
+    """Configurations for GC tests: no background passes, an hour's grace."""
 
     async def make(tmp_path: Path, **overrides: Any) -> Config:
         values: dict[str, Any] = {"gc__interval": 0.0, "gc__grace": HOUR}
-        if server is not None:
-            databases.append(await server.create_database())
-            # A password (the test server trusts any) and no TLS: asyncpg then reads neither
-            # ~/.pgpass nor ~/.postgresql/ (blocking file reads on the event loop, which
-            # blockbuster fails the test for) whenever the pool opens a connection.
-            dsn = databases[-1].replace("postgres@", "postgres:unused@", 1) + "?sslmode=disable"
-            values.update(metadata__backend="postgres", metadata__dsn=dsn)
         values.update(overrides)
-        return make_config(tmp_path, **values)
+        return await lifecycle_config(tmp_path, **values)
 
-    yield make
-    for dsn in databases:
-        if server is not None and server.running:
-            await server.drop_database(dsn)
+    return make
 
 
 async def test_a_blob_no_manifest_references_goes_after_the_grace(

@@ -1,10 +1,13 @@
-"""Retention rules for hosted repositories, over real HTTP pushes and pulls."""
+"""Retention rules for hosted repositories, over real HTTP pushes and pulls, on each metadata
+backend."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from regproxy.api.keys import CONFIG
 from regproxy.lifecycle.eviction import EVICTOR
@@ -13,12 +16,14 @@ from regproxy.lifecycle.retention import apply_retention
 from regproxy.oci import Digest
 from regproxy.tasks import HOSTED
 from tests.conftest import MakeClient
-from tests.helpers import OCI_INDEX, Client, app_of, make_config, push_image, push_manifest
+from tests.helpers import OCI_INDEX, Client, app_of, push_image, push_manifest
 from tests.lifecycle.cache import age, flush_pulls, pull
+from tests.lifecycle.conftest import LifecycleConfig
 from tests.proxy.conftest import meta_of
 from tests.proxy.fakeupstream import FakeUpstream
 
 DAY = 86400.0
+pytestmark = pytest.mark.usefixtures("lifecycle_config")  # every test on each backend
 
 
 def rule(**clauses: Any) -> dict[str, Any]:
@@ -26,8 +31,10 @@ def rule(**clauses: Any) -> dict[str, Any]:
     return clauses
 
 
-async def start(make_client: MakeClient, tmp_path: Path, *rules: dict[str, Any]) -> Client:
-    config = make_config(tmp_path, retention__rules=list(rules))
+async def start(
+    make_client: MakeClient, configs: LifecycleConfig, tmp_path: Path, *rules: dict[str, Any]
+) -> Client:
+    config = await configs(tmp_path, retention__rules=list(rules))
     return await make_client(config)
 
 
@@ -56,10 +63,13 @@ async def push_tags(client: Client, repo: str, names: list[str]) -> dict[str, st
 
 
 async def test_keep_last_and_keep_tags_dry_run_then_real(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, lifecycle_config: LifecycleConfig
 ) -> None:
     client = await start(
-        make_client, tmp_path, rule(repos=["ci/**"], keep_last=2, keep_tags=["latest", "v*"])
+        make_client,
+        lifecycle_config,
+        tmp_path,
+        rule(repos=["ci/**"], keep_last=2, keep_tags=["latest", "v*"]),
     )
     pushed = await push_tags(client, "ci/app", ["a", "v1", "b", "latest", "c", "d", "e"])
     await push_tags(client, "ci/sub/tool", ["x", "y", "z"])
@@ -82,9 +92,11 @@ async def test_keep_last_and_keep_tags_dry_run_then_real(
 
 
 async def test_keep_pulled_within_keeps_pulled_tags(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, lifecycle_config: LifecycleConfig
 ) -> None:
-    client = await start(make_client, tmp_path, rule(repos=["app"], keep_pulled_within=DAY))
+    client = await start(
+        make_client, lifecycle_config, tmp_path, rule(repos=["app"], keep_pulled_within=DAY)
+    )
     pushed = await push_tags(client, "app", ["old", "pulled", "by-digest", "head"])
     await age(client, 2 * DAY)
     await pull(client, "app", "pulled")
@@ -97,9 +109,12 @@ async def test_keep_pulled_within_keeps_pulled_tags(
     assert await tags(client, "app") == ["by-digest", "head", "new", "pulled"]
 
 
-async def test_a_tag_survives_if_any_rule_keeps_it(make_client: MakeClient, tmp_path: Path) -> None:
+async def test_a_tag_survives_if_any_rule_keeps_it(
+    make_client: MakeClient, tmp_path: Path, lifecycle_config: LifecycleConfig
+) -> None:
     client = await start(
         make_client,
+        lifecycle_config,
         tmp_path,
         rule(repos=["team/*"], keep_last=1),
         rule(repos=["team/app"], keep_tags=["release-*"]),
@@ -111,9 +126,11 @@ async def test_a_tag_survives_if_any_rule_keeps_it(make_client: MakeClient, tmp_
 
 
 async def test_shared_manifest_stays_while_another_tag_points_at_it(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, lifecycle_config: LifecycleConfig
 ) -> None:
-    client = await start(make_client, tmp_path, rule(repos=["app"], keep_tags=["keep"]))
+    client = await start(
+        make_client, lifecycle_config, tmp_path, rule(repos=["app"], keep_tags=["keep"])
+    )
     image = await push_image(client, "app", "drop", seed="same")
     await push_image(client, "app", "keep", seed="same")  # same bytes, same digest
     assert await retention(client, dry_run=False) == ["app:drop"]
@@ -121,8 +138,10 @@ async def test_shared_manifest_stays_while_another_tag_points_at_it(
     assert manifest == image.manifest and blobs == image.blobs
 
 
-async def test_a_tag_pushed_again_meanwhile_stays(make_client: MakeClient, tmp_path: Path) -> None:
-    client = await start(make_client, tmp_path, rule(repos=["app"], keep_last=1))
+async def test_a_tag_pushed_again_meanwhile_stays(
+    make_client: MakeClient, tmp_path: Path, lifecycle_config: LifecycleConfig
+) -> None:
+    client = await start(make_client, lifecycle_config, tmp_path, rule(repos=["app"], keep_last=1))
     await push_tags(client, "app", ["a", "b"])
     meta = meta_of(client)
     (row,) = await meta.expendable_tags("app", 1, None)
@@ -133,9 +152,12 @@ async def test_a_tag_pushed_again_meanwhile_stays(make_client: MakeClient, tmp_p
 
 
 async def test_pull_through_repositories_are_left_to_eviction(
-    make_client: MakeClient, tmp_path: Path, upstream: FakeUpstream
+    make_client: MakeClient,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
+    upstream: FakeUpstream,
 ) -> None:
-    config = make_config(
+    config = await lifecycle_config(
         tmp_path,
         upstreams={"fake": {"url": str(upstream.base_url)}},
         retention__rules=[{"repos": ["**"], "keep_last": 1}],
@@ -151,9 +173,9 @@ async def test_pull_through_repositories_are_left_to_eviction(
 
 
 async def test_gc_pass_of_a_serving_process_sees_its_latest_pulls(
-    make_client: MakeClient, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path, lifecycle_config: LifecycleConfig
 ) -> None:
-    config = make_config(
+    config = await lifecycle_config(
         tmp_path,
         retention__rules=[{"repos": ["app"], "keep_pulled_within": DAY}],
         cache__pull_flush_interval=3600.0,
@@ -169,8 +191,10 @@ async def test_gc_pass_of_a_serving_process_sees_its_latest_pulls(
     assert await tags(client, "app") == ["pulled"]
 
 
-async def test_a_removed_index_takes_its_children(make_client: MakeClient, tmp_path: Path) -> None:
-    client = await start(make_client, tmp_path, rule(repos=["app"], keep_last=1))
+async def test_a_removed_index_takes_its_children(
+    make_client: MakeClient, tmp_path: Path, lifecycle_config: LifecycleConfig
+) -> None:
+    client = await start(make_client, lifecycle_config, tmp_path, rule(repos=["app"], keep_last=1))
     children = [await push_image(client, "app", f"child-{arch}", seed=arch) for arch in "ab"]
     index = {
         "schemaVersion": 2,
