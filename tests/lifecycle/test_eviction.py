@@ -1,5 +1,5 @@
 """The pull-through cache's byte budget: least recently pulled images are evicted, through
-real HTTP pulls against the scripted upstream."""
+real HTTP pulls against the scripted upstream, on each metadata backend."""
 
 from __future__ import annotations
 
@@ -22,15 +22,16 @@ from tests.helpers import (
     app_of,
     digest_of,
     files_under,
-    make_config,
     push_blob,
     push_manifest,
 )
 from tests.lifecycle.cache import age, pull, settle, stored_bytes
+from tests.lifecycle.conftest import LifecycleConfig
 from tests.proxy.conftest import meta_of
 from tests.proxy.fakeupstream import FakeImage, FakeUpstream, descriptor, pretty
 
 MiB = 1 << 20
+pytestmark = pytest.mark.usefixtures("lifecycle_config")  # every test on each backend
 OCI_ACCEPT = "application/vnd.oci.image.index.v1+json"
 IMAGE = 4 * MiB
 
@@ -48,10 +49,14 @@ def blob_gets(upstream: FakeUpstream, image: FakeImage) -> int:
 
 
 async def start(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path, **settings: Any
+    make_client: MakeClient,
+    configs: LifecycleConfig,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    **settings: Any,
 ) -> Client:
     upstreams = settings.pop("upstreams", None) or {"fake": {"url": str(upstream.base_url)}}
-    config = make_config(tmp_path, upstreams=upstreams, cache__grace=0.0, **settings)
+    config = await configs(tmp_path, upstreams=upstreams, cache__grace=0.0, **settings)
     return await make_client(config)
 
 
@@ -60,10 +65,13 @@ async def cache_usage(client: Client, *prefixes: str) -> int:
 
 
 async def test_budget_keeps_the_cache_within_budget_plus_one_image(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
 ) -> None:
     budget = 40 * MiB
-    client = await start(make_client, upstream, tmp_path, cache__max_bytes=budget)
+    client = await start(make_client, lifecycle_config, upstream, tmp_path, cache__max_bytes=budget)
     images = add_images(upstream, "lib/app", 30)
     hot = images[0]
     hot_manifest, hot_blobs = await pull(client, "fake/lib/app", "v0")
@@ -94,9 +102,14 @@ async def test_budget_keeps_the_cache_within_budget_plus_one_image(
 
 
 async def test_blob_shared_with_a_hosted_repository_survives_eviction(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
 ) -> None:
-    client = await start(make_client, upstream, tmp_path, cache__max_bytes=6 * MiB)
+    client = await start(
+        make_client, lifecycle_config, upstream, tmp_path, cache__max_bytes=6 * MiB
+    )
     shared = os.urandom(IMAGE)
     first = upstream.add_image("lib/app", "shared", [shared], seed="shared")
     others = add_images(upstream, "lib/app", 3)
@@ -128,9 +141,12 @@ async def test_blob_shared_with_a_hosted_repository_survives_eviction(
 
 
 async def test_max_idle_evicts_images_not_pulled_for_that_long(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
 ) -> None:
-    client = await start(make_client, upstream, tmp_path, cache__max_idle=3600.0)
+    client = await start(make_client, lifecycle_config, upstream, tmp_path, cache__max_idle=3600.0)
     old, fresh = add_images(upstream, "lib/app", 2, size=1000)
     await pull(client, "fake/lib/app", "v0")
     await pull(client, "fake/lib/app", "v1")
@@ -152,9 +168,12 @@ async def test_max_idle_evicts_images_not_pulled_for_that_long(
 
 
 async def test_dry_run_lists_without_evicting(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
 ) -> None:
-    client = await start(make_client, upstream, tmp_path, cache__max_idle=60.0)
+    client = await start(make_client, lifecycle_config, upstream, tmp_path, cache__max_idle=60.0)
     add_images(upstream, "lib/app", 2, size=1000)
     await pull(client, "fake/lib/app", "v0")
     await pull(client, "fake/lib/app", "v1")
@@ -168,11 +187,15 @@ async def test_dry_run_lists_without_evicting(
 
 
 async def test_per_upstream_budget_inside_the_global_one(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
 ) -> None:
     url = str(upstream.base_url)
     client = await start(
         make_client,
+        lifecycle_config,
         upstream,
         tmp_path,
         cache__max_bytes=20 * MiB,
@@ -196,11 +219,15 @@ async def test_per_upstream_budget_inside_the_global_one(
 
 
 async def test_bytes_shared_by_two_upstreams_count_for_the_cache_only(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
 ) -> None:
     url = str(upstream.base_url)
     client = await start(
         make_client,
+        lifecycle_config,
         upstream,
         tmp_path,
         upstreams={"small": {"url": url, "max_bytes": 1 * MiB}, "big": {"url": url}},
@@ -218,11 +245,15 @@ async def test_bytes_shared_by_two_upstreams_count_for_the_cache_only(
 
 
 async def test_per_upstream_budget_frees_its_own_bytes(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
 ) -> None:
     url = str(upstream.base_url)
     client = await start(
         make_client,
+        lifecycle_config,
         upstream,
         tmp_path,
         upstreams={"small": {"url": url, "max_bytes": 10 * MiB}, "big": {"url": url}},
@@ -242,9 +273,12 @@ async def test_per_upstream_budget_frees_its_own_bytes(
 
 
 async def test_index_is_evicted_with_its_children(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
 ) -> None:
-    client = await start(make_client, upstream, tmp_path, cache__max_idle=60.0)
+    client = await start(make_client, lifecycle_config, upstream, tmp_path, cache__max_idle=60.0)
     amd = upstream.add_image("lib/multi", None, [os.urandom(1000)], seed="amd")
     arm = upstream.add_image("lib/multi", None, [os.urandom(1000)], seed="arm")
     index = upstream.add_index("lib/multi", "latest", [amd, arm])
@@ -288,9 +322,15 @@ def _tmpfs(mount: Path, mib: int) -> Iterator[Path]:
 
 
 async def test_full_storage_still_serves_the_fill_without_caching(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path, small_fs: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
+    small_fs: Path,
 ) -> None:
-    client = await start(make_client, upstream, tmp_path, storage__path=str(small_fs))
+    client = await start(
+        make_client, lifecycle_config, upstream, tmp_path, storage__path=str(small_fs)
+    )
     fits = upstream.add_image("lib/app", "fits", [os.urandom(2 * MiB)], seed="fits")
     big = upstream.add_image("lib/app", "big", [os.urandom(8 * MiB)], seed="big")
     assert (await pull(client, "fake/lib/app", "fits"))[1] == fits.blobs
@@ -312,9 +352,15 @@ async def test_full_storage_still_serves_the_fill_without_caching(
 
 
 async def test_full_storage_still_checks_the_digest(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path, small_fs: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
+    small_fs: Path,
 ) -> None:
-    client = await start(make_client, upstream, tmp_path, storage__path=str(small_fs))
+    client = await start(
+        make_client, lifecycle_config, upstream, tmp_path, storage__path=str(small_fs)
+    )
     data = os.urandom(8 * MiB)
     digest = upstream.add_blob("lib/app", data)
     upstream.corrupt.add(digest)
@@ -328,11 +374,20 @@ async def test_full_storage_still_checks_the_digest(
 
 
 async def test_min_free_bytes_evicts_before_the_disk_fills(
-    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path, medium_fs: Path
+    make_client: MakeClient,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    lifecycle_config: LifecycleConfig,
+    medium_fs: Path,
 ) -> None:
     floor = 8 * MiB
     client = await start(
-        make_client, upstream, tmp_path, storage__path=str(medium_fs), cache__min_free_bytes=floor
+        make_client,
+        lifecycle_config,
+        upstream,
+        tmp_path,
+        storage__path=str(medium_fs),
+        cache__min_free_bytes=floor,
     )
     images = add_images(upstream, "lib/app", 10, size=MiB)
     for image in images:
