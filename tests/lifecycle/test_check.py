@@ -8,7 +8,8 @@ from regproxy.api.keys import CONFIG
 from regproxy.lifecycle.check import CheckReport, check_blobs
 from regproxy.tasks import HOSTED
 from tests.conftest import MakeClient
-from tests.helpers import OCI_MANIFEST, Client, app_of, files_under, make_config, push_image
+from tests.helpers import OCI_MANIFEST, Client, app_of, files_under, push_image
+from tests.lifecycle.conftest import LifecycleConfig
 from tests.proxy.conftest import cached_blob, stored_file
 from tests.proxy.fakeupstream import FakeUpstream
 from tests.proxy.test_blobs import eventually
@@ -34,9 +35,9 @@ async def test_a_healthy_registry_checks_clean(client: Client) -> None:
 
 
 async def test_missing_short_and_corrupt_hosted_blobs(
-    make_client: MakeClient, tmp_path: Path
+    lifecycle_config: LifecycleConfig, make_client: MakeClient, tmp_path: Path
 ) -> None:
-    config = make_config(tmp_path)
+    config = await lifecycle_config(tmp_path)
     client = await make_client(config)
     images = [await push_image(client, "app", f"v{i}", seed=f"s{i}") for i in range(3)]
     files = {p.name.partition(".")[0]: p for p in files_under(config.storage_path / "blobs")}
@@ -61,10 +62,13 @@ async def test_missing_short_and_corrupt_hosted_blobs(
 
 
 async def test_repair_makes_the_next_pull_fetch_a_cached_blob_again(
-    make_client: MakeClient, tmp_path: Path, upstream: FakeUpstream
+    lifecycle_config: LifecycleConfig,
+    make_client: MakeClient,
+    tmp_path: Path,
+    upstream: FakeUpstream,
 ) -> None:
     assert upstream.base_url is not None
-    config = make_config(tmp_path, upstreams={"fake": {"url": str(upstream.base_url)}})
+    config = await lifecycle_config(tmp_path, upstreams={"fake": {"url": str(upstream.base_url)}})
     client = await make_client(config)
     image = upstream.add_image("lib/app", "v1", [b"layer bytes " * 1000], seed="cached")
     resp = await client.get("/v2/fake/lib/app/manifests/v1", headers={"Accept": OCI_MANIFEST})
