@@ -44,6 +44,21 @@ class UploadRow:
     updated: float
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """Who is doing a piece of work the whole cluster should do once (a blob fill, a tag
+    revalidation), until when, and where its progress can be read (see regproxy.cluster)."""
+
+    key: str
+    owner: str  # a random id per process
+    host: str  # the owner's machine: a follower on the same one reads ``spool`` directly
+    url: str  # the owner's cluster.advertise_url ("" when it has none)
+    spool: str  # the fill's spool file ("" until known)
+    size: int | None  # the blob's size, once the upstream said it
+    started: float
+    expires: float
+
+
 class MetadataStore(Protocol):
     # blobs
     async def get_blob(self, digest: Digest) -> BlobRow | None: ...
@@ -119,5 +134,22 @@ class MetadataStore(Protocol):
         ...
 
     async def stale_uploads(self, before: float) -> list[UploadRow]: ...
+
+    # leases (regproxy.cluster): one owner per key at a time
+    async def acquire_lease(self, lease: LeaseRow, now: float) -> LeaseRow:
+        """Insert ``lease``, or take over the key's lease if it expired before ``now``
+        (compare-and-set). Returns the row in place afterwards: ``lease`` when acquired."""
+        ...
+
+    async def renew_lease(
+        self, key: str, owner: str, expires: float, *, spool: str = "", size: int | None = None
+    ) -> bool:
+        """Extend the owner's lease (and record its spool and size, when given); False when
+        the lease is gone or another owner took it over."""
+        ...
+
+    async def get_lease(self, key: str) -> LeaseRow | None: ...
+
+    async def release_lease(self, key: str, owner: str) -> bool: ...
 
     async def close(self) -> None: ...

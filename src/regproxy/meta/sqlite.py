@@ -17,7 +17,7 @@ from typing import Any
 
 import aiosqlite
 
-from regproxy.meta.base import BlobRow, ManifestRow, Reference, UploadRow
+from regproxy.meta.base import BlobRow, LeaseRow, ManifestRow, Reference, UploadRow
 from regproxy.oci import Digest
 
 _PRAGMAS = (
@@ -29,6 +29,7 @@ _PRAGMAS = (
 # References checked per query (two bound parameters each).
 _REFERENCE_BATCH = 500
 _MANIFEST_COLUMNS = "m.digest, m.media_type, m.content, m.subject, m.artifact_type"
+_LEASE_COLUMNS = "key, owner, host, url, spool, size, started, expires"
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -50,6 +51,11 @@ def _manifest(row: Any) -> ManifestRow:
         subject=Digest.parse(subject) if subject else None,
         artifact_type=artifact_type,
     )
+
+
+def _lease(row: Any) -> LeaseRow:
+    key, owner, host, url, spool, size, started, expires = row
+    return LeaseRow(key, owner, host, url, spool, size, float(started), float(expires))
 
 
 def _blob(row: Any) -> BlobRow:
@@ -361,3 +367,51 @@ class SqliteMetadataStore:
             (before,),
         )
         return [UploadRow(*row) for row in rows]
+
+    # -- leases -------------------------------------------------------------------------------
+
+    async def acquire_lease(self, lease: LeaseRow, now: float) -> LeaseRow:
+        async with self._transaction() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = ?", (lease.key,)
+                )
+            )
+            if rows and float(rows[0][7]) >= now:
+                return _lease(rows[0])
+            await db.execute(
+                f"INSERT OR REPLACE INTO leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    lease.key,
+                    lease.owner,
+                    lease.host,
+                    lease.url,
+                    lease.spool,
+                    lease.size,
+                    lease.started,
+                    lease.expires,
+                ),
+            )
+            return lease
+
+    async def renew_lease(
+        self, key: str, owner: str, expires: float, *, spool: str = "", size: int | None = None
+    ) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE leases SET expires = ?, spool = CASE WHEN ? = '' THEN spool ELSE ? END,"
+                " size = coalesce(?, size) WHERE key = ? AND owner = ?",
+                (expires, spool, spool, size, key, owner),
+            )
+            return cursor.rowcount > 0
+
+    async def get_lease(self, key: str) -> LeaseRow | None:
+        row = await self._one(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = ?", (key,))
+        return _lease(row) if row else None
+
+    async def release_lease(self, key: str, owner: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM leases WHERE key = ? AND owner = ?", (key, owner)
+            )
+            return cursor.rowcount > 0
