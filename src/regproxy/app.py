@@ -16,6 +16,9 @@ from regproxy.api.routes import add_routes
 from regproxy.auth.middleware import auth_middleware
 from regproxy.auth.rules import upstream_prefixes
 from regproxy.auth.service import AUTH, build_authenticator
+from regproxy.cluster import Cluster
+from regproxy.cluster.leases import Leases, host_id
+from regproxy.cluster.peer import FILL_SOURCE, SECRET, PeerClient
 from regproxy.config import Config, ConfigError, UpstreamConfig
 from regproxy.errors import Unavailable
 from regproxy.meta.base import MetadataStore
@@ -113,16 +116,39 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     upstreams = {
         name: Upstream(name, config.upstreams[name], session) for name, session in sessions.items()
     }
+    cluster = _cluster(config, app[HOSTED])
     proxy = PullThroughRegistry(
-        app[HOSTED], upstreams, config.data_path / "spool", config.limits.manifest_max_bytes
+        app[HOSTED],
+        upstreams,
+        config.data_path / "spool",
+        config.limits.manifest_max_bytes,
+        cluster,
     )
     app[REGISTRY] = RegistryRouter(app[HOSTED], proxy, config.default_upstream)
+    app[FILL_SOURCE] = proxy
     try:
         yield
     finally:
         await proxy.close()
+        if cluster.peer is not None:
+            await cluster.peer.close()
         for session in sessions.values():
             await session.close()
+
+
+def _cluster(config: Config, hosted: HostedRegistry) -> Cluster:
+    """Leases shared by every process on the metadata store; a client for peers' fill
+    endpoints when the replicas share a secret."""
+    settings = config.cluster
+    leases = Leases(
+        hosted.meta,
+        host=host_id(settings.node),
+        url=settings.advertise_url,
+        ttl=settings.lease_ttl,
+    )
+    timeout = max((up.timeout for up in config.upstreams.values()), default=30.0)
+    peer = PeerClient(settings.secret, timeout) if settings.secret else None
+    return Cluster(leases, peer)
 
 
 def create_app(config: Config) -> web.Application:
@@ -134,6 +160,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[AUTH] = auth
     app[IN_FLIGHT] = in_flight
+    app[SECRET] = config.cluster.secret
     app.cleanup_ctx.append(_stores)
     app.cleanup_ctx.append(_registry)
     app.cleanup_ctx.append(background_tasks)

@@ -343,4 +343,4 @@ def _explain_sharing(config: Config) -> None:
             " and ".join(local),
         )
     if config.upstreams:
-        log.info("each worker fetches a cold blob from an upstream on its own (not yet shared)")
+        log.info("the workers fetch each cold blob from an upstream once between them")

@@ -7,7 +7,9 @@ from typing import Final
 from aiohttp import web
 
 from regproxy.api import base, blobs, catalog, manifests, referrers, tags, uploads
+from regproxy.api.keys import CONFIG
 from regproxy.auth import handlers as token
+from regproxy.cluster import peer
 
 NAME = "{name:.+?}"
 
@@ -39,6 +41,8 @@ ROUTE_ACCESS: Final[dict[tuple[str, str], tuple[str, ...]]] = {
     ("DELETE", f"{_N}/blobs/uploads/{{upload_id}}"): ("push",),
     ("GET", f"{_N}/blobs/{{digest}}"): ("pull",),
     ("DELETE", f"{_N}/blobs/{{digest}}"): ("delete",),
+    # Only with cluster.secret; the handler checks the request's HMAC itself.
+    ("GET", peer.FILLS_PATH): (OPEN,),
 }
 
 
@@ -72,3 +76,6 @@ def add_routes(app: web.Application) -> None:
     r.add_get(blob, blobs.get_blob, allow_head=False)
     r.add_head(blob, blobs.head_blob)
     r.add_delete(blob, blobs.delete_blob)
+
+    if app[CONFIG].cluster.secret:  # other replicas follow this one's fills
+        r.add_get(peer.FILLS_PATH, peer.get_fill, allow_head=False)

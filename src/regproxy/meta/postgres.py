@@ -183,9 +183,11 @@ class PostgresMetadataStore:
                 "CREATE TABLE IF NOT EXISTS schema_version ("
                 " version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)"
             )
-            current = await db.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            applied = {row[0] for row in await db.fetch("SELECT version FROM schema_version")}
             for version, script in _migrations():
-                if version > current:
+                # Each one not applied yet, also below the highest applied (numbers have gaps
+                # that branches fill in independently).
+                if version not in applied:
                     await db.execute(script)  # no arguments: several statements at once
                     await db.execute(
                         "INSERT INTO schema_version (version, applied) VALUES ($1, $2)",

@@ -24,6 +24,9 @@ from typing import Any, NoReturn, TypeVar
 import aiohttp
 
 from regproxy import oci
+from regproxy.cluster import Cluster
+from regproxy.cluster.leases import blob_key, tag_key
+from regproxy.cluster.peer import read_spool
 from regproxy.errors import (
     BlobUnknown,
     Denied,
@@ -34,7 +37,7 @@ from regproxy.errors import (
     TooManyRequests,
     Unavailable,
 )
-from regproxy.meta.base import BlobRow, ManifestRow, UploadRow
+from regproxy.meta.base import BlobRow, LeaseRow, ManifestRow, UploadRow
 from regproxy.oci import Digest
 from regproxy.proxy.auth import TokenError
 from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone
@@ -48,6 +51,12 @@ log = logging.getLogger(__name__)
 
 # The storage key of a blob that is still arriving from upstream.
 FILLING = ""
+# ... arriving through a fill of another process: this prefix and the repository.
+FOLLOWING = "\0following:"
+# Times a follower re-decides where to read a fill from (the owner's spool or endpoint,
+# storage, a fill of its own) after a source broke off without progress, before it gives up.
+FOLLOW_ATTEMPTS = 5
+FOLLOW_PAUSE = 0.2
 _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, TokenError, UpstreamStatus)
 T = TypeVar("T")
 
@@ -81,8 +90,11 @@ class PullThroughRegistry:
         upstreams: dict[str, Upstream],
         spool_dir: Path,
         manifest_max_bytes: int,
+        cluster: Cluster | None = None,
     ) -> None:
         self.hosted = hosted
+        self.cluster = cluster
+        self._claims: dict[str, asyncio.Task[Fill | LeaseRow]] = {}
         self.meta = hosted.meta
         self.upstreams = upstreams
         self.spool_dir = spool_dir
@@ -127,6 +139,10 @@ class PullThroughRegistry:
         if fill is not None and fill.size.done() and not fill.size.exception():
             return BlobRow(digest, fill.size.result(), FILLING)
         upstream, remote = self.split(repo)
+        if self.cluster is not None:
+            row = await self.cluster.leases.get(blob_key(digest))
+            if row is not None and row.size is not None and not self.cluster.leases.expired(row):
+                return BlobRow(digest, row.size, FILLING)
         try:
             size = await upstream.head_blob(remote, digest)
         except _UPSTREAM_ERRORS as exc:
@@ -147,7 +163,10 @@ class PullThroughRegistry:
                 # Stored already (another repository, or pushed): no need to fetch it again.
                 await self.meta.link_blob(repo, digest)
                 return known
-            fill = self._fills.get(str(digest)) or self._start_fill(upstream, remote, repo, digest)
+            claimed = await self._fill_or_lease(upstream, remote, repo, digest)
+            if isinstance(claimed, LeaseRow):
+                return await self._followed(repo, digest, claimed)
+            fill = claimed
         fill.repos.add(repo)
         try:
             size = await asyncio.shield(fill.size)
@@ -156,16 +175,21 @@ class PullThroughRegistry:
         return BlobRow(digest, size, FILLING)
 
     def blob_path(self, blob: BlobRow) -> Path | None:
-        return None if blob.storage_key == FILLING else self.hosted.blob_path(blob)
+        return None if in_flight(blob) else self.hosted.blob_path(blob)
 
     async def blob_redirect_url(self, blob: BlobRow) -> str | None:
-        if blob.storage_key == FILLING:
+        if in_flight(blob):
             return None
         return await self.hosted.blob_redirect_url(blob)
 
     async def read_blob(self, blob: BlobRow, start: int, length: int) -> AsyncIterator[bytes]:
-        if blob.storage_key != FILLING:
+        if not in_flight(blob):
             async for chunk in self.hosted.read_blob(blob, start, length):
+                yield chunk
+            return
+        if blob.storage_key.startswith(FOLLOWING):
+            repo = blob.storage_key.removeprefix(FOLLOWING)
+            async for chunk in self._follow(repo, blob, start, start + length):
                 yield chunk
             return
         fill = self._fills.get(str(blob.digest))
@@ -191,10 +215,176 @@ class PullThroughRegistry:
         except _UPSTREAM_ERRORS:
             return False
 
-    def _start_fill(self, upstream: Upstream, remote: str, repo: str, digest: Digest) -> Fill:
+    # -- the cluster: one fill per blob across processes and replicas ---------------------
+
+    async def _fill_or_lease(
+        self, upstream: Upstream, remote: str, repo: str, digest: Digest
+    ) -> Fill | LeaseRow:
+        """This process's fill of the blob, started if the blob's lease could be taken; or
+        the lease of the process that fills it. One attempt at a time per digest here."""
+        key = str(digest)
+        claim = self._claims.get(key)
+        if claim is None:
+            claim = self._spawn(self._claim(upstream, remote, repo, digest))
+            self._claims[key] = claim
+            claim.add_done_callback(lambda _: self._claims.pop(key, None))
+        return await asyncio.shield(claim)
+
+    async def _claim(
+        self, upstream: Upstream, remote: str, repo: str, digest: Digest
+    ) -> Fill | LeaseRow:
+        fill = self._fills.get(str(digest))
+        if fill is not None:
+            return fill
+        if self.cluster is None:
+            return self._start_fill(upstream, remote, repo, digest)
+        row = await self.cluster.leases.acquire(blob_key(digest))
+        if not self.cluster.leases.mine(row):
+            return row
+        return self._fills.get(str(digest)) or self._start_fill(
+            upstream, remote, repo, digest, leased=True
+        )
+
+    async def _followed(self, repo: str, digest: Digest, row: LeaseRow) -> BlobRow:
+        """The blob as another process fills it, once that process knows its size; its
+        own fill if the other's lease ends without the blob (failed, or its owner died)."""
+        assert self.cluster is not None
+        leases = self.cluster.leases
+        upstream, remote = self.split(repo)
+        for _ in range(FOLLOW_ATTEMPTS):
+            while True:
+                stored = await self.meta.get_blob(digest)
+                if stored is not None:
+                    await self.meta.link_blob(repo, digest)
+                    return stored
+                if row.size is not None:
+                    return BlobRow(digest, row.size, FOLLOWING + repo)
+                await asyncio.sleep(FOLLOW_PAUSE)
+                current = await leases.get(row.key)
+                if current is None or current.owner != row.owner or leases.expired(current):
+                    break
+                row = current
+            if await self.meta.get_blob(digest) is not None:
+                continue
+            claimed = await self._fill_or_lease(upstream, remote, repo, digest)
+            if isinstance(claimed, Fill):
+                return await self.get_blob(repo, digest)
+            row = claimed
+        raise Unavailable(f"the fill of {digest} by another process did not get going")
+
+    async def _follow(
+        self, repo: str, blob: BlobRow, position: int, end: int
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``position .. end`` of a blob another process fills: from its spool file
+        (same machine) or its endpoint (another replica), then from storage once committed.
+        When its lease ends without the blob, this process takes the fill over; when nothing
+        more can be had, the read fails (after the first byte: a cut connection)."""
+        assert self.cluster is not None
+        leases, peer = self.cluster.leases, self.cluster.peer
+        digest, key = blob.digest, blob_key(blob.digest)
+        attempts = 0
+        while position < end:
+            stored = await self.meta.get_blob(digest)
+            if stored is not None:
+                async for chunk in self.hosted.read_blob(stored, position, end - position):
+                    yield chunk
+                return
+            fill = self._fills.get(str(digest))
+            if fill is not None:  # ours, after a takeover
+                try:
+                    async for chunk in fill.read(position, end - position):
+                        position += len(chunk)
+                        yield chunk
+                    return
+                except SpoolGone:
+                    continue
+            row = await leases.get(key)
+            before = position
+            if row is None or leases.expired(row) or leases.mine(row):
+                if await self.meta.get_blob(digest) is None:
+                    if attempts >= FOLLOW_ATTEMPTS:
+                        raise FillFailed(f"the fill of {digest} ended without the blob")
+                    upstream, remote = self.split(repo)
+                    await self._fill_or_lease(upstream, remote, repo, digest)
+                    attempts += 1
+                continue
+            if row.size is not None and row.size != blob.size:
+                raise FillFailed(f"the fill of {digest} has another size")
+            try:
+                if row.host == leases.host and row.spool:
+                    owner = row.owner
+
+                    async def still_filling(owner: str = owner) -> bool:
+                        if await self.meta.get_blob(digest) is not None:
+                            return False
+                        now = await leases.get(key)
+                        return now is not None and now.owner == owner and not leases.expired(now)
+
+                    source = read_spool(row.spool, blob.size, position, end, still_filling)
+                elif row.url and peer is not None:
+                    source = peer.read(row.url, digest, position, end)
+                else:
+                    source = _nothing()  # no way to the owner: wait for the blob in storage
+                async for chunk in source:
+                    position += len(chunk)
+                    yield chunk
+            except (FillFailed, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.info("following the fill of %s broke off: %r", digest, exc)
+            if position == before:
+                attempts += 1
+                if attempts > FOLLOW_ATTEMPTS * 10:
+                    raise FillFailed(f"the fill of {digest} by another process is stuck")
+                await asyncio.sleep(FOLLOW_PAUSE)
+
+    async def serve_fill(
+        self, digest: Digest, offset: int
+    ) -> tuple[int, AsyncIterator[bytes]] | None:
+        """For a peer's follower (cluster/peer.py): this process's fill of the blob, or the
+        blob from storage once it is committed."""
+        fill = self._fills.get(str(digest))
+        if fill is not None:
+            try:
+                size = await asyncio.shield(fill.size)
+            except FillFailed:
+                return None
+            return size, self._fill_or_stored(fill, digest, offset, size)
+        stored = await self.meta.get_blob(digest)
+        if stored is None:
+            return None
+        return stored.size, self.hosted.read_blob(stored, offset, max(stored.size - offset, 0))
+
+    async def _fill_or_stored(
+        self, fill: Fill, digest: Digest, offset: int, size: int
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in fill.read(offset, size - offset):
+                yield chunk
+            return
+        except SpoolGone:
+            pass
+        stored = await self.meta.get_blob(digest)
+        if stored is None:
+            raise FillFailed(f"the fill of {digest} did not complete")
+        async for chunk in self.hosted.read_blob(stored, offset, size - offset):
+            yield chunk
+
+    def _start_fill(
+        self, upstream: Upstream, remote: str, repo: str, digest: Digest, *, leased: bool = False
+    ) -> Fill:
         fill = Fill(digest, self.spool_dir)
         fill.repos.add(repo)
         self._fills[str(digest)] = fill
+        held = None
+        if leased and self.cluster is not None:
+            held = self.cluster.leases.hold(blob_key(digest))
+            lease = held
+
+            def announce(size: asyncio.Future[int]) -> None:
+                # Followers elsewhere wait for the size; the spool is open by then.
+                if not size.cancelled() and size.exception() is None:
+                    lease.note(str(fill.spool), size.result())
+
+            fill.size.add_done_callback(announce)
 
         async def fetch(tee: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]) -> None:
             async with upstream.get_blob(remote, digest) as response:
@@ -214,6 +404,8 @@ class PullThroughRegistry:
             finally:
                 if self._fills.get(str(digest)) is fill:
                     del self._fills[str(digest)]
+                if held is not None:  # after the blob row is committed
+                    await held.release()
             if fill.error is not None:
                 log.warning("upstream fetch of %s from %s failed: %r", digest, remote, fill.error)
             else:
@@ -244,9 +436,33 @@ class PullThroughRegistry:
         checked = await self.meta.tag_checked(repo, tag)
         if checked is not None and time.time() - checked < upstream.config.tag_ttl:
             return cached
+        if self.cluster is None:
+            return await self._flight(
+                repo, tag, lambda: self._revalidate(upstream, remote, repo, tag, cached)
+            )
         return await self._flight(
-            repo, tag, lambda: self._revalidate(upstream, remote, repo, tag, cached)
+            repo, tag, lambda: self._revalidate_once(upstream, remote, repo, tag, cached)
         )
+
+    async def _revalidate_once(
+        self, upstream: Upstream, remote: str, repo: str, tag: str, cached: ManifestRow
+    ) -> ManifestRow:
+        """One revalidation per tag at a time in the whole cluster: while another process
+        holds the tag's lease, the cached copy is served."""
+        assert self.cluster is not None
+        leases = self.cluster.leases
+        key = tag_key(repo, tag)
+        row = await leases.acquire(key)
+        if not leases.mine(row):
+            return cached
+        try:
+            checked = await self.meta.tag_checked(repo, tag)
+            if checked is not None and time.time() - checked < upstream.config.tag_ttl:
+                fresh = await self.meta.get_tagged_manifest(repo, tag)  # done by another
+                return fresh if fresh is not None else cached
+            return await self._revalidate(upstream, remote, repo, tag, cached)
+        finally:
+            await leases.release(key)
 
     async def _flight(
         self, repo: str, reference: str, fetch: Callable[[], Awaitable[ManifestRow]]
@@ -414,6 +630,17 @@ class PullThroughRegistry:
 
     async def list_repositories(self, last: str, limit: int) -> list[str]:
         return await self.hosted.list_repositories(last, limit)
+
+
+def in_flight(blob: BlobRow) -> bool:
+    """Whether the row stands for a blob still arriving (read through the pull-through
+    registry, not storage)."""
+    return blob.storage_key == FILLING or blob.storage_key.startswith(FOLLOWING)
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""
 
 
 def _blob_error(exc: BaseException, digest: Digest) -> RegistryError:
