@@ -94,7 +94,7 @@ class PullThroughRegistry:
     ) -> None:
         self.hosted = hosted
         self.cluster = cluster
-        self._claims: dict[str, asyncio.Task[Fill | LeaseRow]] = {}
+        self._claims: dict[str, asyncio.Task[Fill | LeaseRow | BlobRow]] = {}
         self.meta = hosted.meta
         self.upstreams = upstreams
         self.spool_dir = spool_dir
@@ -166,6 +166,9 @@ class PullThroughRegistry:
             claimed = await self._fill_or_lease(upstream, remote, repo, digest)
             if isinstance(claimed, LeaseRow):
                 return await self._followed(repo, digest, claimed)
+            if isinstance(claimed, BlobRow):  # another process stored it meanwhile
+                await self.meta.link_blob(repo, digest)
+                return claimed
             fill = claimed
         fill.repos.add(repo)
         try:
@@ -219,9 +222,10 @@ class PullThroughRegistry:
 
     async def _fill_or_lease(
         self, upstream: Upstream, remote: str, repo: str, digest: Digest
-    ) -> Fill | LeaseRow:
+    ) -> Fill | LeaseRow | BlobRow:
         """This process's fill of the blob, started if the blob's lease could be taken; or
-        the lease of the process that fills it. One attempt at a time per digest here."""
+        the lease of the process that fills it; or the blob, if another process stored it
+        meanwhile. One attempt at a time per digest here."""
         key = str(digest)
         claim = self._claims.get(key)
         if claim is None:
@@ -232,15 +236,21 @@ class PullThroughRegistry:
 
     async def _claim(
         self, upstream: Upstream, remote: str, repo: str, digest: Digest
-    ) -> Fill | LeaseRow:
+    ) -> Fill | LeaseRow | BlobRow:
         fill = self._fills.get(str(digest))
         if fill is not None:
             return fill
         if self.cluster is None:
             return self._start_fill(upstream, remote, repo, digest)
-        row = await self.cluster.leases.acquire(blob_key(digest))
-        if not self.cluster.leases.mine(row):
+        leases = self.cluster.leases
+        row = await leases.acquire(blob_key(digest))
+        if not leases.mine(row):
             return row
+        # A fill that committed and released its lease just before we took it.
+        stored = await self.meta.get_blob(digest)
+        if stored is not None and str(digest) not in self._fills:
+            await leases.release(row.key)
+            return stored
         return self._fills.get(str(digest)) or self._start_fill(
             upstream, remote, repo, digest, leased=True
         )
@@ -267,9 +277,10 @@ class PullThroughRegistry:
             if await self.meta.get_blob(digest) is not None:
                 continue
             claimed = await self._fill_or_lease(upstream, remote, repo, digest)
-            if isinstance(claimed, Fill):
-                return await self.get_blob(repo, digest)
-            row = claimed
+            if isinstance(claimed, LeaseRow):
+                row = claimed
+                continue
+            return await self.get_blob(repo, digest)
         raise Unavailable(f"the fill of {digest} by another process did not get going")
 
     async def _follow(
@@ -282,7 +293,10 @@ class PullThroughRegistry:
         assert self.cluster is not None
         leases, peer = self.cluster.leases, self.cluster.peer
         digest, key = blob.digest, blob_key(blob.digest)
-        attempts = 0
+        takeovers = stalls = 0
+        # Looks in a row that find no new byte at the owner before the read fails (a cut):
+        # longer than its lease lives unrenewed, so a dead owner's fill gets taken over.
+        max_stalls = 2 * leases.ttl / FOLLOW_PAUSE
         while position < end:
             stored = await self.meta.get_blob(digest)
             if stored is not None:
@@ -302,11 +316,16 @@ class PullThroughRegistry:
             before = position
             if row is None or leases.expired(row) or leases.mine(row):
                 if await self.meta.get_blob(digest) is None:
-                    if attempts >= FOLLOW_ATTEMPTS:
+                    if takeovers >= FOLLOW_ATTEMPTS:
                         raise FillFailed(f"the fill of {digest} ended without the blob")
                     upstream, remote = self.split(repo)
+                    log.warning(
+                        "the fill of %s ended without the blob (lease %s); taking over",
+                        digest,
+                        "expired" if row is not None else "released",
+                    )
                     await self._fill_or_lease(upstream, remote, repo, digest)
-                    attempts += 1
+                    takeovers += 1
                 continue
             if row.size is not None and row.size != blob.size:
                 raise FillFailed(f"the fill of {digest} has another size")
@@ -331,10 +350,13 @@ class PullThroughRegistry:
             except (FillFailed, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.info("following the fill of %s broke off: %r", digest, exc)
             if position == before:
-                attempts += 1
-                if attempts > FOLLOW_ATTEMPTS * 10:
+                # No progress: the owner is unreachable, or its lease is about to expire.
+                stalls += 1
+                if stalls > max_stalls:
                     raise FillFailed(f"the fill of {digest} by another process is stuck")
                 await asyncio.sleep(FOLLOW_PAUSE)
+            else:
+                stalls = 0
 
     async def serve_fill(
         self, digest: Digest, offset: int
