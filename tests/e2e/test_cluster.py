@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
+import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +26,17 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+import yarl
 from aiohttp import web
 
+from regproxy.auth.tokens import load_or_create_key
 from regproxy.cluster.peer import signed_headers
+from tests.e2e.images import make_oci_layout
 from tests.e2e.procs import (
+    SKOPEO_BIN,
     ManagedProcess,
     ProcessError,
+    bcrypt_hash,
     free_port,
     regproxy,
     regproxy_argv,
@@ -38,6 +45,8 @@ from tests.e2e.procs import (
     wait_http,
 )
 from tests.e2e.test_postgres_e2e import postgres_toml
+from tests.e2e.test_proxy_skopeo import pull as skopeo_pull
+from tests.e2e.test_proxy_skopeo import push as skopeo_push
 from tests.e2e.test_workers import wait_workers
 from tests.pgfixtures import PostgresServer, postgres_dsn, postgres_server  # noqa: F401
 from tests.proxy.fakeupstream import FakeImage, FakeUpstream
@@ -64,6 +73,10 @@ class Replica:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def log(self) -> str:
         return self.process.log_path.read_text(errors="replace")
@@ -356,3 +369,72 @@ async def test_two_workers_fetch_each_blob_once(tmp_path: Path) -> None:
             # Both workers answered blob requests (connections spread by SO_REUSEPORT).
             pids = set(ACCESS_GET_RE.findall(log))
             assert len(pids) == 2, pids
+
+
+def auth_toml(tmp_path: Path, password: str) -> str:
+    """One user, and one token key file every replica reads (created here, once)."""
+    key = tmp_path / "shared" / "token-key.pem"
+    load_or_create_key(key)
+    return (
+        f'[auth]\nkey_path = "{key}"\nmax_login_failures = 3\nlogin_lockout = 600\n'
+        f'[auth.users]\nalice = "{bcrypt_hash(password)}"\n'
+    )
+
+
+async def token_from(session: aiohttp.ClientSession, base: str, scope: str) -> str:
+    auth = aiohttp.BasicAuth("alice", "s3cret-pw")
+    params = {"service": "regproxy", "scope": scope}
+    async with session.get(f"{base}/token", params=params, auth=auth) as resp:
+        assert resp.status == 200, await resp.text()
+        return str((await resp.json())["token"])
+
+
+async def test_tokens_uploads_and_pushes_move_across_replicas(
+    tmp_path: Path,
+    s3: S3,  # noqa: F811
+    postgres_dsn: str,  # noqa: F811
+) -> None:
+    if shutil.which(SKOPEO_BIN) is None:
+        pytest.fail("skopeo missing: apt-get install -y skopeo")
+    config = auth_toml(tmp_path, "s3cret-pw") + postgres_toml(postgres_dsn) + s3.toml()
+    config += f'[cluster]\nsecret = "{SECRET}"\n'
+    chunks = [os.urandom(700 * KiB + n) for n in range(3)]
+    data = b"".join(chunks)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with replicas(tmp_path, 3, config) as (a, b, c), new_session() as session:
+        # A token that replica A issued is accepted by B and C.
+        token = await token_from(session, a.url, "repository:team/chunks:push,pull")
+        bearer = {"Authorization": f"Bearer {token}"}
+        for node in (b, c):
+            async with session.get(f"{node.url}/v2/", headers=bearer) as resp:
+                assert resp.status == 200
+        # A chunked upload: started on A, a chunk through each of B and C, finished on A.
+        async with session.post(f"{a.url}/v2/team/chunks/blobs/uploads/", headers=bearer) as r:
+            assert r.status == 202, await r.text()
+            location = r.headers["Location"]
+        offset = 0
+        for node, chunk in zip((b, c, a), chunks, strict=True):
+            headers = {
+                **bearer,
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
+            }
+            url = yarl.URL(node.url).join(yarl.URL(location))
+            async with session.patch(url, data=chunk, headers=headers) as r:
+                assert r.status == 202, await r.text()
+                location = r.headers["Location"]
+                offset += len(chunk)
+                assert r.headers["Range"] == f"0-{offset - 1}"
+        url = yarl.URL(b.url).join(yarl.URL(location)).update_query(digest=digest)
+        async with session.put(url, headers=bearer) as r:
+            assert r.status == 201, await r.text()
+        async with session.get(f"{c.url}/v2/team/chunks/blobs/{digest}", headers=bearer) as r:
+            assert r.status == 200
+            assert await r.read() == data
+        # skopeo pushes through A and pulls through B, with the user's credentials.
+        image = make_oci_layout(tmp_path / "src", [2 * MiB, 4000], tag="v1", seed="replicas")
+        creds = "alice:s3cret-pw"
+        await skopeo_push(image, f"docker://{a.host}/team/app:v1", f"--dest-creds={creds}")
+        await skopeo_pull(
+            f"docker://{b.host}/team/app:v1", image, tmp_path / "back", f"--src-creds={creds}"
+        )
