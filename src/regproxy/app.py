@@ -14,6 +14,7 @@ from regproxy.api.keys import CONFIG, REGISTRY
 from regproxy.api.middleware import IN_FLIGHT, InFlight, add_common_headers, errors_middleware
 from regproxy.api.routes import add_routes
 from regproxy.auth.middleware import auth_middleware
+from regproxy.auth.ratelimit import SharedLoginLimiter
 from regproxy.auth.rules import upstream_prefixes
 from regproxy.auth.service import AUTH, build_authenticator
 from regproxy.cluster import Cluster
@@ -75,11 +76,17 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     config.data_path.mkdir(parents=True, exist_ok=True)
     meta = await _metadata_store(config)
+    auth = app[AUTH]
+    # Failed logins count for every replica and worker sharing the metadata store.
+    auth.shared_limiter = SharedLoginLimiter(
+        meta, config.auth.max_login_failures, config.auth.login_lockout
+    )
     try:
         async with _blob_store(config) as storage:
             app[HOSTED] = HostedRegistry(meta, storage)
             yield
     finally:
+        auth.shared_limiter = None
         await meta.close()
 
 

@@ -14,6 +14,7 @@ one S3 (moto) bucket, with a counting upstream (the scripted fake, served from t
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import os
@@ -381,15 +382,19 @@ def auth_toml(tmp_path: Path, password: str) -> str:
     )
 
 
+def basic(password: str) -> dict[str, str]:
+    raw = base64.b64encode(f"alice:{password}".encode()).decode()
+    return {"Authorization": f"Basic {raw}"}
+
+
 async def token_from(session: aiohttp.ClientSession, base: str, scope: str) -> str:
-    auth = aiohttp.BasicAuth("alice", "s3cret-pw")
     params = {"service": "regproxy", "scope": scope}
-    async with session.get(f"{base}/token", params=params, auth=auth) as resp:
+    async with session.get(f"{base}/token", params=params, headers=basic("s3cret-pw")) as resp:
         assert resp.status == 200, await resp.text()
         return str((await resp.json())["token"])
 
 
-async def test_tokens_uploads_and_pushes_move_across_replicas(
+async def test_tokens_uploads_pushes_and_login_limits_across_replicas(
     tmp_path: Path,
     s3: S3,  # noqa: F811
     postgres_dsn: str,  # noqa: F811
@@ -438,3 +443,10 @@ async def test_tokens_uploads_and_pushes_move_across_replicas(
         await skopeo_pull(
             f"docker://{b.host}/team/app:v1", image, tmp_path / "back", f"--src-creds={creds}"
         )
+        # Failed logins count on every replica: three on A and C lock alice out on B too.
+        for node in (a, c, a):
+            async with session.get(f"{node.url}/token", headers=basic("wrong")) as r:
+                assert r.status == 401
+        async with session.get(f"{b.url}/token", headers=basic("s3cret-pw")) as r:
+            assert r.status == 429, await r.text()
+            assert int(r.headers["Retry-After"]) > 0

@@ -61,3 +61,24 @@ async def test_racing_stores_give_one_owner(open_store: OpenStore) -> None:
     assert len(owners) == 1
     winner = owners.pop()
     assert await stores[1].get_lease(KEY) == lease(winner, now)
+
+
+# -- failed logins (counted across replicas) ---------------------------------------------------
+
+
+async def test_login_failures_count_in_a_window_across_stores(open_store: OpenStore) -> None:
+    one, two = await open_store(), await open_store()
+    assert await one.add_login_failure("10.0.0.1/u", 1000.0, 60.0) == 1
+    assert await two.add_login_failure("10.0.0.1/u", 1010.0, 60.0) == 2
+    assert await one.add_login_failure("10.0.0.1", 1010.0, 60.0) == 1
+    got = await two.login_failures(["10.0.0.1/u", "10.0.0.1", "other"], 1020.0, 60.0)
+    assert got == {"10.0.0.1/u": (1000.0, 2), "10.0.0.1": (1010.0, 1)}
+    # The window of the first key ends at 1060: a failure then starts a new one, and the
+    # ended windows are pruned.
+    assert await one.login_failures(["10.0.0.1/u"], 1060.0, 60.0) == {}
+    assert await two.add_login_failure("10.0.0.1/u", 1061.0, 60.0) == 1
+    await one.clear_login_failures("10.0.0.1/u")
+    assert await two.login_failures(["10.0.0.1/u", "10.0.0.1"], 1062.0, 60.0) == {
+        "10.0.0.1": (1010.0, 1)
+    }
+    assert await one.login_failures([], 1062.0, 60.0) == {}

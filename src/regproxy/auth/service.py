@@ -29,7 +29,7 @@ from typing import Final
 from aiohttp import web
 
 from regproxy import oci
-from regproxy.auth.ratelimit import LoginLimiter
+from regproxy.auth.ratelimit import LoginLimiter, SharedLoginLimiter
 from regproxy.auth.rules import (
     ALL_ACTIONS,
     DEFAULT_RULES,
@@ -121,6 +121,8 @@ class Authenticator:
         self.tokens = tokens
         self.limiter = limiter
         self.realm = realm
+        # Failures counted for all replicas too, once the metadata store is open (app.py).
+        self.shared_limiter: SharedLoginLimiter | None = None
 
     # -- challenges ------------------------------------------------------------------------
 
@@ -148,6 +150,8 @@ class Authenticator:
         """``user`` if ``password`` is right; 401 if not, 429 after too many failures."""
         address = request.remote or "-"
         wait = self.limiter.retry_after(address, user)
+        if wait <= 0 and self.shared_limiter is not None:
+            wait = await self.shared_limiter.retry_after(address, user)
         if wait > 0:
             log.warning("login refused: too many failures from %s", address)
             raise TooManyRequests(
@@ -156,8 +160,12 @@ class Authenticator:
             )
         if await asyncio.to_thread(self.users.verify, user, password):
             self.limiter.succeeded(address, user)
+            if self.shared_limiter is not None:
+                await self.shared_limiter.succeeded(address, user)
             return user
         self.limiter.failed(address, user)
+        if self.shared_limiter is not None:
+            await self.shared_limiter.failed(address, user)
         # The name may be a password typed into the wrong field: log it only if it is a user.
         known = await asyncio.to_thread(self.users.hash_of, user) is not None
         log.warning(

@@ -152,4 +152,18 @@ class MetadataStore(Protocol):
 
     async def release_lease(self, key: str, owner: str) -> bool: ...
 
+    # failed logins, counted across replicas (auth/ratelimit.py)
+    async def add_login_failure(self, key: str, now: float, window: float) -> int:
+        """Count a failure for ``key`` in its window (a new one if the last ended), prune
+        windows that ended; the failures in the key's window now."""
+        ...
+
+    async def login_failures(
+        self, keys: Sequence[str], now: float, window: float
+    ) -> dict[str, tuple[float, int]]:
+        """key -> (window start, failures) for those keys whose window is still open."""
+        ...
+
+    async def clear_login_failures(self, key: str) -> None: ...
+
     async def close(self) -> None: ...

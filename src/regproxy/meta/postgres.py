@@ -567,3 +567,37 @@ class PostgresMetadataStore:
             )
 
         return await self._transaction(work) > 0
+
+    # -- failed logins ------------------------------------------------------------------------
+
+    async def add_login_failure(self, key: str, now: float, window: float) -> int:
+        async def work(db: Connection) -> int:
+            await db.execute("DELETE FROM login_failures WHERE started <= $1", now - window)
+            return int(
+                await db.fetchval(
+                    "INSERT INTO login_failures (key, started, failures) VALUES ($1, $2, 1)"
+                    " ON CONFLICT (key) DO UPDATE SET failures = login_failures.failures + 1"
+                    " RETURNING failures",
+                    key,
+                    now,
+                )
+            )
+
+        return await self._transaction(work)
+
+    async def login_failures(
+        self, keys: Sequence[str], now: float, window: float
+    ) -> dict[str, tuple[float, int]]:
+        rows = await self._all(
+            "SELECT key, started, failures FROM login_failures"
+            " WHERE key = ANY($1::text[]) AND started > $2",
+            list(keys),
+            now - window,
+        )
+        return {row[0]: (float(row[1]), int(row[2])) for row in rows}
+
+    async def clear_login_failures(self, key: str) -> None:
+        async def work(db: Connection) -> None:
+            await db.execute("DELETE FROM login_failures WHERE key = $1", key)
+
+        await self._transaction(work)

@@ -415,3 +415,37 @@ class SqliteMetadataStore:
                 "DELETE FROM leases WHERE key = ? AND owner = ?", (key, owner)
             )
             return cursor.rowcount > 0
+
+    # -- failed logins ------------------------------------------------------------------------
+
+    async def add_login_failure(self, key: str, now: float, window: float) -> int:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM login_failures WHERE started <= ?", (now - window,))
+            await db.execute(
+                "INSERT INTO login_failures (key, started, failures) VALUES (?, ?, 1)"
+                " ON CONFLICT (key) DO UPDATE SET failures = failures + 1",
+                (key, now),
+            )
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT failures FROM login_failures WHERE key = ?", (key,)
+                )
+            )
+            return int(rows[0][0])
+
+    async def login_failures(
+        self, keys: Sequence[str], now: float, window: float
+    ) -> dict[str, tuple[float, int]]:
+        if not keys:
+            return {}
+        marks = ", ".join("?" for _ in keys)
+        rows = await self._all(
+            f"SELECT key, started, failures FROM login_failures WHERE key IN ({marks})"
+            " AND started > ?",
+            (*keys, now - window),
+        )
+        return {row[0]: (float(row[1]), int(row[2])) for row in rows}
+
+    async def clear_login_failures(self, key: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM login_failures WHERE key = ?", (key,))

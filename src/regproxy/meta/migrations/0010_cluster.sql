@@ -10,3 +10,12 @@ CREATE TABLE leases (
     started REAL NOT NULL,
     expires REAL NOT NULL
 );
+
+-- Failed logins, counted for every replica (auth/ratelimit.py): per key, the window's start
+-- and its failures. Rows whose window ended are pruned as new failures come in.
+CREATE TABLE login_failures (
+    key      TEXT PRIMARY KEY,
+    started  REAL NOT NULL,
+    failures INTEGER NOT NULL
+);
+CREATE INDEX login_failures_by_start ON login_failures (started);
