@@ -137,6 +137,7 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await proxy.close()
+        await cluster.leases.close()
         if cluster.peer is not None:
             await cluster.peer.close()
         for session in sessions.values():

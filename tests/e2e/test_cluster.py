@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -49,7 +50,12 @@ from tests.e2e.test_postgres_e2e import postgres_toml
 from tests.e2e.test_proxy_skopeo import pull as skopeo_pull
 from tests.e2e.test_proxy_skopeo import push as skopeo_push
 from tests.e2e.test_workers import wait_workers
-from tests.pgfixtures import PostgresServer, postgres_dsn, postgres_server  # noqa: F401
+from tests.pgfixtures import (  # noqa: F401
+    PostgresServer,
+    own_postgres,
+    postgres_dsn,
+    postgres_server,
+)
 from tests.proxy.fakeupstream import FakeImage, FakeUpstream
 from tests.s3fixtures import S3, s3, shared_moto  # noqa: F401
 
@@ -139,13 +145,13 @@ async def replicas(
             await replica.process.stop(15)
 
 
-def three_layer_image(fake: FakeUpstream, seed: str) -> FakeImage:
+def three_layer_image(fake: FakeUpstream, seed: str, tag: str = "v1") -> FakeImage:
     layers = [
         os.urandom(3 * MiB + 17),
         os.urandom(1 * MiB + 5),
         os.urandom(700 * KiB + 3),
     ]
-    return fake.add_image("team/app", "v1", layers, seed=seed)
+    return fake.add_image("team/app", tag, layers, seed=seed)
 
 
 def blob_gets(fake: FakeUpstream, digest: str) -> int:
@@ -173,7 +179,8 @@ async def pull(
     """One client's pull: the manifest by tag, then every blob, concurrently."""
     outcome = Outcome({}, set())
     accept = {"Accept": image.media_type}
-    async with session.get(f"{base}/v2/up/{image.repo}/manifests/v1", headers=accept) as resp:
+    manifest = f"{base}/v2/up/{image.repo}/manifests/{image.tag}"
+    async with session.get(manifest, headers=accept) as resp:
         assert resp.status == 200, await resp.text()
         assert await resp.read() == image.manifest
 
@@ -450,3 +457,78 @@ async def test_tokens_uploads_pushes_and_login_limits_across_replicas(
         async with session.get(f"{b.url}/token", headers=basic("s3cret-pw")) as r:
             assert r.status == 429, await r.text()
             assert int(r.headers["Retry-After"]) > 0
+
+
+async def test_postgres_stops_and_starts_while_replicas_pull(
+    tmp_path: Path,
+    s3: S3,  # noqa: F811
+    own_postgres: PostgresServer,  # noqa: F811
+) -> None:
+    """PostgreSQL stops while clients pull through three replicas: they get 503 UNAVAILABLE
+    (JSON) or the right bytes, never a hang; once it is back, every replica serves again, and
+    a cold image pulled across them afterwards is still fetched once per blob."""
+    fake = FakeUpstream()
+    warm = fake.add_image("team/app", "v1", [os.urandom(1 * MiB)], seed="pg-warm")
+    dsn = await own_postgres.create_database()
+    async with served(fake) as upstream:
+        config = (
+            replica_toml(upstream, lease_ttl=5)
+            + postgres_toml(dsn, connect_timeout=2, command_timeout=3)
+            + s3.toml()
+        )
+        async with replicas(tmp_path, 3, config) as nodes, new_session() as session:
+            assert (await pull(session, nodes[0].url, warm)).complete == warm.blobs
+            statuses: list[int] = []
+            stop = asyncio.Event()
+
+            async def puller(n: int) -> None:
+                while not stop.is_set():
+                    node = nodes[n % 3]
+                    n += 1
+                    for digest, data in warm.blobs.items():
+                        url = f"{node.url}/v2/up/team/app/blobs/{digest}"
+                        async with session.get(url) as resp:
+                            body = await resp.read()
+                            statuses.append(resp.status)
+                            if resp.status == 200:
+                                assert body == data
+                            else:
+                                assert resp.status == 503, (resp.status, body)
+                                assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+                    await asyncio.sleep(0.02)
+
+            pullers = [asyncio.create_task(puller(n)) for n in range(3)]
+            try:
+                await until(lambda: statuses.count(200) >= 12, pullers)
+                await asyncio.to_thread(own_postgres.stop)
+                down = len(statuses)
+                await until(lambda: statuses[down:].count(503) >= 6, pullers)
+                await asyncio.to_thread(own_postgres.start)
+                back = len(statuses)
+                await until(lambda: statuses[back:].count(200) >= 12, pullers)
+            finally:
+                stop.set()
+                results = await asyncio.gather(*pullers, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            cold = three_layer_image(fake, "pg-cold", tag="v2")
+            outcomes = await asyncio.gather(
+                *(pull(session, nodes[n % 3].url, cold) for n in range(9))
+            )
+            for outcome in outcomes:
+                assert outcome.complete == cold.blobs and not outcome.cut
+            for digest in cold.blobs:
+                assert blob_gets(fake, digest) == 1, digest
+            assert all(node.process.alive() for node in nodes)
+
+
+async def until(condition: Callable[[], bool], tasks: list[asyncio.Task[None]]) -> None:
+    """Wait (up to a minute) for ``condition()``, failing early if a task failed."""
+    async with asyncio.timeout(60):
+        while not condition():
+            for task in tasks:
+                if task.done():
+                    task.result()
+                    raise AssertionError("a puller stopped early")
+            await asyncio.sleep(0.05)

@@ -25,6 +25,8 @@ from regproxy.meta.base import LeaseRow, MetadataStore
 
 log = logging.getLogger(__name__)
 
+# Seconds between attempts to release a lease while the metadata store is unreachable.
+RELEASE_RETRY = 1.0
 _IDENTITY_FILES = ("/etc/machine-id", "/proc/sys/kernel/random/boot_id")
 
 
@@ -57,6 +59,12 @@ class Leases:
         self.host = host
         self.url = url
         self.ttl = ttl
+        self._retries: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        for task in self._retries:
+            task.cancel()
+        await asyncio.gather(*self._retries, return_exceptions=True)
 
     def mine(self, row: LeaseRow) -> bool:
         return row.owner == self.owner
@@ -75,11 +83,22 @@ class Leases:
         return await self.meta.get_lease(key)
 
     async def release(self, key: str) -> None:
-        """Give the lease up; if the store is unreachable, it expires by itself."""
+        """Give the lease up. If the store is unreachable, try again in the background
+        until the lease would have expired anyway (others wait for it no longer then)."""
         try:
             await self.meta.release_lease(key, self.owner)
         except Unavailable:
-            log.warning("could not release the lease %s; it expires in %.0fs", key, self.ttl)
+            log.warning("could not release the lease %s; trying again", key)
+            task = asyncio.create_task(self._release_later(key, time.time() + self.ttl))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _release_later(self, key: str, until: float) -> None:
+        while time.time() < until:
+            await asyncio.sleep(RELEASE_RETRY)
+            with suppress(Unavailable):
+                await self.meta.release_lease(key, self.owner)
+                return
 
     def hold(self, key: str) -> Held:
         return Held(self, key)
