@@ -131,6 +131,7 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
         config.limits.manifest_max_bytes,
         cluster,
     )
+    await proxy.reconcile_spool(config.uploads.max_age)
     app[REGISTRY] = RegistryRouter(app[HOSTED], proxy, config.default_upstream)
     app[FILL_SOURCE] = proxy
     try:

@@ -87,6 +87,9 @@ class UploadsConfig:
     max_age: float = 24 * 3600.0
     # How often the purge runs, in seconds.
     purge_interval: float = 600.0
+    # An upload whose stored bytes are gone (a crash after its commit, before its row) keeps
+    # its row this many idle seconds, for a retried finish to complete it; then it is dropped.
+    lost_grace: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -390,6 +393,7 @@ def _validate(config: Config) -> None:
     positive = {
         "uploads.max_age": config.uploads.max_age,
         "uploads.purge_interval": config.uploads.purge_interval,
+        "uploads.lost_grace": config.uploads.lost_grace,
         "limits.manifest_max_bytes": config.limits.manifest_max_bytes,
         "limits.page_max": config.limits.page_max,
         "shutdown_timeout": config.shutdown_timeout,

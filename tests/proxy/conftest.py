@@ -91,3 +91,14 @@ def leftover_files(client: Client) -> list[Path]:
     """Files in upload and spool areas: what an aborted fill must not leave behind."""
     data = app_of(client)[CONFIG].data_path
     return [p for p in files_under(data) if "uploads" in p.parts or "spool" in p.parts]
+
+
+def partial_fills(client: Client) -> dict[str, int]:
+    """What a cut fill left to continue from: spooled bytes by digest. Fails on any other
+    leftover (upload files, spools that cannot be resumed)."""
+    partials = {}
+    for path in leftover_files(client):
+        assert "spool" in path.parts and path.name.endswith(".partial"), path
+        algorithm, _, hex_ = path.name.removesuffix(".partial").partition("-")
+        partials[f"{algorithm}:{hex_}"] = path.stat().st_size
+    return partials

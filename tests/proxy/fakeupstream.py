@@ -10,7 +10,12 @@ it behave like the upstreams a cache meets in the wild:
   ``auth = "basic"``: plain Basic auth with ``users``.
 - ``slow``: blob digests sent in two parts: ``slow_first`` bytes, then a wait on ``release``
   (``first_sent`` is set in between).
-- ``fail_after``: digest -> N, close the connection after N bytes of that blob.
+- ``fail_after``: digest -> N, close the connection once byte N of that blob is reached
+  (every time); ``cut_once``: the same, for the next response only.
+- ``ranges``: ``"honour"`` (default) answers ``Range: bytes=N-`` with 206 and the rest,
+  ``"ignore"`` sends the whole blob with 200 (as some upstreams do);
+  ``wrong_ranges``: digests whose ranged (206) bytes are sent wrong (same length).
+  ``bytes_sent`` counts the blob bytes sent, per digest (``blob_bytes()`` sums them).
 - ``corrupt``: digests whose bytes are sent wrong (same length); ``no_length``: digests sent
   chunked, without a ``Content-Length``.
 - ``status``/``retry_after``: answer every registry request with that status (e.g. 429, 500);
@@ -114,6 +119,9 @@ class FakeUpstream:
     slow: set[str] = field(default_factory=set)
     slow_first: int = SEND_CHUNK
     fail_after: dict[str, int] = field(default_factory=dict)
+    cut_once: dict[str, int] = field(default_factory=dict)
+    ranges: str = "honour"  # or "ignore"
+    wrong_ranges: set[str] = field(default_factory=set)
     corrupt: set[str] = field(default_factory=set)
     no_length: set[str] = field(default_factory=set)  # sent chunked, without Content-Length
     redirect_to: yarl.URL | None = None
@@ -205,6 +213,14 @@ class FakeUpstream:
     def blob_gets(self, repo: str, digest: str) -> int:
         """Blob GETs the fake answered with the blob (200), not counting auth challenges."""
         return self.count("GET", f"/v2/{repo}/blobs/{digest}", 200)
+
+    def ranged_gets(self, repo: str, digest: str) -> int:
+        """Blob GETs answered with part of the blob (206)."""
+        return self.count("GET", f"/v2/{repo}/blobs/{digest}", 206)
+
+    def blob_bytes(self) -> int:
+        """Blob bytes sent so far, over every digest and every response."""
+        return sum(self.bytes_sent.values())
 
     def total(self, method: str | None = None) -> int:
         return sum(n for (m, _, _), n in self.statuses.items() if method in (None, m))
@@ -420,14 +436,30 @@ class FakeUpstream:
     async def _send(self, request: web.Request, digest: str, data: bytes) -> web.StreamResponse:
         if digest in self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        start = _range_start(request.headers.get("Range")) if self.ranges == "honour" else None
+        if start is not None and start >= len(data):
+            headers = {"Content-Range": f"bytes */{len(data)}"}
+            return _error(416, "RANGE_INVALID", "range not satisfiable", headers)
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        position = 0
+        if start is not None:
+            response.set_status(206)
+            response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            position = start
+            if digest in self.wrong_ranges:
+                data = data[:start] + bytes(b ^ 0x55 for b in data[start:])
         if digest in self.no_length:
             response.enable_chunked_encoding()
         else:
-            response.content_length = len(data)
+            response.content_length = len(data) - position
         await response.prepare(request)
-        cut = self.fail_after.get(digest)
-        position = 0
+        cut = self.cut_once.pop(digest, None)
+        if cut is None:
+            cut = self.fail_after.get(digest)
+        if cut is not None and position >= cut:
+            assert request.transport is not None
+            request.transport.close()
+            return response
         while position < len(data):
             end = min(position + SEND_CHUNK, len(data))
             if digest in self.slow and position < self.slow_first <= end:
@@ -447,6 +479,14 @@ class FakeUpstream:
                 await self.release.wait()
         await response.write_eof()
         return response
+
+
+def _range_start(header: str | None) -> int | None:
+    """N from ``bytes=N-`` (the only form a cache resuming a transfer sends)."""
+    if not header or not header.startswith("bytes=") or not header.endswith("-"):
+        return None
+    value = header[len("bytes=") : -1]
+    return int(value) if value.isdigit() else None
 
 
 def _scope_of(name: str | None) -> str | None:

@@ -15,13 +15,24 @@ import yarl
 
 from regproxy.api.keys import REGISTRY
 from regproxy.oci import Digest
+from regproxy.proxy.pullthrough import MAX_RESUMES
 from tests.helpers import Client, app_of, assert_error, digest_of
-from tests.proxy.conftest import MakeProxy, cached_blob, leftover_files, meta_of, stored_file
-from tests.proxy.fakeupstream import FakeUpstream
+from tests.proxy.conftest import (
+    MakeProxy,
+    cached_blob,
+    leftover_files,
+    meta_of,
+    partial_fills,
+    stored_file,
+)
+from tests.proxy.fakeupstream import SEND_CHUNK, FakeUpstream
 
 MiB = 1 << 20
 REPO = "lib/app"
 BLOB = f"/v2/fake/{REPO}/blobs"
+# Bytes a cut transfer may lose in flight: one chunk of the fake's (what arrived before the
+# cut is used, even what aiohttp had buffered).
+IN_FLIGHT = SEND_CHUNK
 # A broken transfer shows up as one of these on the client, never as a short "complete" body.
 BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
 
@@ -173,22 +184,30 @@ async def read_broken(client: Client, path: str) -> None:
 
 
 async def test_upstream_fails_mid_stream(proxy: Client, upstream: FakeUpstream) -> None:
+    """The upstream cuts every transfer at 2 MiB: the fill resumes it with Range a bounded
+    number of times, then gives up; its spool stays, and the next pull continues from it."""
     digest, data = big_blob(upstream)
-    upstream.fail_after = {digest: 2 * MiB + 5}
+    cut = 2 * MiB + 5
+    upstream.fail_after = {digest: cut}
     resp = await proxy.get(f"{BLOB}/{digest}")
     assert resp.status == 200  # the size was known, the headers went out
     assert await resp.content.readexactly(MiB) == data[:MiB]
     with pytest.raises(BROKEN):
         await resp.read()
     await eventually(lambda: no_fill_running(proxy))
+    assert upstream.ranged_gets(REPO, digest) == MAX_RESUMES  # each cut at once
     assert await meta_of(proxy).get_blob(Digest.parse(digest)) is None
     assert stored_file(proxy, digest) is None
-    assert leftover_files(proxy) == []
+    spooled = partial_fills(proxy)
+    assert list(spooled) == [digest] and 0 < spooled[digest] <= cut
 
     upstream.fail_after = {}
     assert await get_body(proxy, f"{BLOB}/{digest}") == data
-    assert upstream.blob_gets(REPO, digest) == 2
+    assert upstream.ranged_gets(REPO, digest) == MAX_RESUMES + 1
+    assert upstream.bytes_sent[digest] <= len(data) + IN_FLIGHT  # nothing fetched twice
     await eventually(lambda: cached_blob(proxy, digest))
+    await eventually(lambda: no_fill_running(proxy))
+    assert leftover_files(proxy) == []
 
 
 @pytest.mark.parametrize("cut", [0, 5, MiB + 5])
@@ -198,9 +217,13 @@ async def test_upstream_fails_early(proxy: Client, upstream: FakeUpstream, cut: 
     await read_broken(proxy, f"{BLOB}/{digest}")
     await eventually(lambda: no_fill_running(proxy))
     assert not await cached_blob(proxy, digest)
-    assert leftover_files(proxy) == []
+    assert all(0 < size <= cut for size in partial_fills(proxy).values())
     upstream.fail_after = {}
     assert await get_body(proxy, f"{BLOB}/{digest}") == data
+    assert upstream.bytes_sent[digest] <= len(data) + IN_FLIGHT
+    await eventually(lambda: cached_blob(proxy, digest))
+    await eventually(lambda: no_fill_running(proxy))
+    assert leftover_files(proxy) == []
 
 
 async def test_concurrent_clients_all_fail_mid_stream(

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -29,18 +31,21 @@ from regproxy.cluster.leases import blob_key, tag_key
 from regproxy.cluster.peer import read_spool
 from regproxy.errors import (
     BlobUnknown,
+    BlobUploadUnknown,
     Denied,
+    DigestInvalid,
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
     RegistryError,
+    SizeInvalid,
     TooManyRequests,
     Unavailable,
 )
 from regproxy.meta.base import BlobRow, LeaseRow, ManifestRow, UploadRow
 from regproxy.oci import Digest
 from regproxy.proxy.auth import TokenError
-from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone
+from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone, reconcile_spool
 from regproxy.proxy.upstream import Upstream, UpstreamInvalid, UpstreamStatus
 from regproxy.registry.base import ContentRange
 from regproxy.registry.hosted import HostedRegistry
@@ -58,6 +63,10 @@ FOLLOWING = "\0following:"
 FOLLOW_ATTEMPTS = 5
 FOLLOW_PAUSE = 0.2
 _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, TokenError, UpstreamStatus)
+# A transfer cut mid-body (reset, closed early, stalled): resumed with Range.
+_CUT = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ConnectionError)
+MAX_RESUMES = 3
+_CONTENT_RANGE_RE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+)")
 T = TypeVar("T")
 
 
@@ -104,6 +113,28 @@ class PullThroughRegistry:
         self._flights: dict[tuple[str, str], asyncio.Future[ManifestRow]] = {}
         spool_dir.mkdir(parents=True, exist_ok=True)
 
+    async def reconcile_spool(self, max_age: float) -> None:
+        """At start-up: remove the spool files of fills that are gone (a kill), except the
+        partials a fill of the same digest may continue from, for ``max_age`` seconds."""
+        kept, removed, uploads = await asyncio.to_thread(reconcile_spool, self.spool_dir, max_age)
+        for upload_id in uploads:
+            await self._cancel_upload(upload_id)
+        if kept or removed or uploads:
+            log.info(
+                "spool: kept %d resumable partial fill(s), removed %d file(s), cancelled %d"
+                " upload(s) of killed fills",
+                kept,
+                removed,
+                len(uploads),
+            )
+
+    async def _cancel_upload(self, upload_id: str) -> None:
+        """Cancel the upload of a fill that was killed (it is in a cached repository)."""
+        upload = await self.meta.get_upload(upload_id)
+        if upload is not None and upload.repo.partition("/")[0] in self.upstreams:
+            with suppress(BlobUploadUnknown):
+                await self.hosted.cancel_upload(upload.repo, upload_id)
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -136,13 +167,14 @@ class PullThroughRegistry:
         if blob is not None:
             return blob
         fill = self._fills.get(str(digest))
-        if fill is not None and fill.size.done() and not fill.size.exception():
+        if (
+            fill is not None
+            and repo in fill.repos
+            and fill.size.done()
+            and not fill.size.exception()
+        ):
             return BlobRow(digest, fill.size.result(), FILLING)
         upstream, remote = self.split(repo)
-        if self.cluster is not None:
-            row = await self.cluster.leases.get(blob_key(digest))
-            if row is not None and row.size is not None and not self.cluster.leases.expired(row):
-                return BlobRow(digest, row.size, FILLING)
         try:
             size = await upstream.head_blob(remote, digest)
         except _UPSTREAM_ERRORS as exc:
@@ -165,11 +197,24 @@ class PullThroughRegistry:
                 return known
             claimed = await self._fill_or_lease(upstream, remote, repo, digest)
             if isinstance(claimed, LeaseRow):
+                # Filled elsewhere, maybe for another repository: only if the upstream has
+                # the blob here too.
+                if not await self._upstream_has(upstream, remote, digest):
+                    raise BlobUnknown(detail={"digest": str(digest)})
                 return await self._followed(repo, digest, claimed)
-            if isinstance(claimed, BlobRow):  # another process stored it meanwhile
+            if isinstance(claimed, BlobRow):  # stored: for this repository only if upstream has it
+                try:
+                    size = await upstream.head_blob(remote, digest)
+                except _UPSTREAM_ERRORS as exc:
+                    raise _blob_error(exc, digest) from exc
+                if size is None:
+                    raise BlobUnknown(detail={"digest": str(digest)})
                 await self.meta.link_blob(repo, digest)
                 return claimed
             fill = claimed
+        elif repo not in fill.repos and not await self._upstream_has(upstream, remote, digest):
+            # A fill for another repository: only if the upstream has the blob here too.
+            raise BlobUnknown(detail={"digest": str(digest)})
         fill.repos.add(repo)
         try:
             size = await asyncio.shield(fill.size)
@@ -408,13 +453,31 @@ class PullThroughRegistry:
 
             fill.size.add_done_callback(announce)
 
-        async def fetch(tee: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]) -> None:
-            async with upstream.get_blob(remote, digest) as response:
-                if response.content_length is not None:
-                    fill.set_size(response.content_length)
+        async def fetch(fill: Fill) -> None:
+            rest = fill.tee(self._upstream_body(upstream, remote, digest, fill))
+
+            async def body() -> AsyncIterator[bytes]:
+                # The first answer decides how much of an earlier fill's spool to keep: those
+                # bytes are stored (and hashed) first, then the upstream's.
+                first = await anext(rest, None)
+                async for chunk in fill.kept():
+                    yield chunk
+                if first is not None:
+                    yield first
+                    async for chunk in rest:
+                        yield chunk
+
+            if fill.stale_upload is not None:  # a fill of this spool was killed
+                await self._cancel_upload(fill.stale_upload)
+            upload = await self.hosted.start_upload(repo, digest.algorithm)
+            try:
+                await fill.note_upload(upload.id)
                 # Clients see each piece as it arrives; storage and hashing get big chunks.
-                body = rechunk(tee(response.content.iter_any()))
-                await self.hosted.put_blob(repo, digest, body)
+                await self.hosted.finish_upload(repo, upload.id, rechunk(body()), digest)
+            except BaseException:
+                with suppress(BlobUploadUnknown):  # a digest mismatch already removed it
+                    await self.hosted.cancel_upload(repo, upload.id)
+                raise
             fill.set_size(fill.written)
             for other in fill.repos - {repo}:
                 await self.meta.link_blob(other, digest)
@@ -422,7 +485,7 @@ class PullThroughRegistry:
         async def run() -> None:
             started = time.monotonic()
             try:
-                await fill.run(fetch)
+                await fill.run(fetch, _resumable)
             finally:
                 if self._fills.get(str(digest)) is fill:
                     del self._fills[str(digest)]
@@ -432,10 +495,91 @@ class PullThroughRegistry:
                 log.warning("upstream fetch of %s from %s failed: %r", digest, remote, fill.error)
             else:
                 elapsed = time.monotonic() - started
-                log.info("cached %s, %d bytes, in %.2fs", digest, fill.written, elapsed)
+                log.info(
+                    "cached %s, %d bytes (%d resumed from the spool), in %.2fs",
+                    digest,
+                    fill.written,
+                    fill.resumed,
+                    elapsed,
+                )
 
         self._spawn(run())
         return fill
+
+    async def _upstream_body(
+        self, upstream: Upstream, remote: str, digest: Digest, fill: Fill
+    ) -> AsyncIterator[bytes]:
+        """The blob's bytes after those the fill has, from upstream.
+
+        The first request asks for what follows the bytes an earlier fill spooled, and keeps
+        them when the upstream answers that range (206); an upstream that ignores ``Range``
+        (200) sends the whole blob again and the bytes spooled are skipped. When the
+        transfer is cut mid-body, it is resumed the same way, up to ``MAX_RESUMES`` times,
+        so the clients reading the fill see no break. The digest is verified in storage.
+        """
+        resumes = 0
+        start = fill.found  # offered to the first request
+        first = True
+        while True:
+            position = start if first else fill.written
+            try:
+                async with upstream.get_blob(remote, digest, position) as response:
+                    skip = await self._take_answer(response, fill, position, first)
+                    if skip is None:  # an unusable spool: ask again, from the start
+                        start = 0
+                        continue
+                    first = False
+                    if response.status == 416:  # the spool holds all of it
+                        return
+                    async for chunk in _body(response, skip):
+                        yield chunk
+                    return
+            except _CUT as exc:
+                if first or resumes >= MAX_RESUMES:
+                    raise
+                resumes += 1
+                log.warning(
+                    "upstream transfer of %s cut after %d bytes (%r); resuming with Range",
+                    digest,
+                    fill.written,
+                    exc,
+                )
+
+    @staticmethod
+    async def _take_answer(
+        response: aiohttp.ClientResponse, fill: Fill, position: int, first: bool
+    ) -> int | None:
+        """Check an answer to a blob GET from ``position`` (see ``Upstream.get_blob``); set
+        the fill's size and, on the first answer, what to keep of its spool. Returns how many
+        bytes of the body to skip, or None to ask again without ``Range``."""
+        total: int | None
+        skip = 0
+        if response.status == 206:
+            total = _range_total(response.headers.get("Content-Range"), position)
+            if total is None:  # not the range asked for: ask for all of it
+                if not first:
+                    raise _Inconsistent(f"the upstream answered {position}- with another range")
+                return None
+        elif response.status == 416:
+            total = _range_total(response.headers.get("Content-Range"), None)
+            if total != position:
+                if not first:
+                    raise _Inconsistent(f"the upstream refused {position}- of its own blob")
+                return None  # the spool holds more than the blob: start over
+        else:
+            total = response.content_length
+            if total is not None and position > total:
+                if not first:
+                    raise _Inconsistent("the upstream's blob changed size while it was fetched")
+                return None
+            skip = position  # the upstream ignored Range and sends everything again
+        if first:
+            await fill.keep(position)
+        elif fill.size.done() and total is not None and fill.size.result() != total:
+            raise _Inconsistent("the upstream's blob changed size while it was fetched")
+        if total is not None:
+            fill.set_size(total)
+        return skip
 
     # -- manifests --------------------------------------------------------------------------
 
@@ -663,6 +807,63 @@ def in_flight(blob: BlobRow) -> bool:
 async def _nothing() -> AsyncIterator[bytes]:
     return
     yield b""
+
+
+async def _body(response: aiohttp.ClientResponse, skip: int) -> AsyncIterator[bytes]:
+    """The body of a blob GET past its first ``skip`` bytes. When the connection breaks,
+    what had arrived is passed on before the error: aiohttp raises on the next read,
+    before handing out what it buffered (up to twice the read buffer)."""
+
+    def skipped(chunk: bytes) -> bytes:
+        nonlocal skip
+        dropped = min(skip, len(chunk))
+        skip -= dropped
+        return chunk[dropped:]
+
+    try:
+        async for chunk in response.content.iter_any():
+            if chunk := skipped(chunk):
+                yield chunk
+    except _CUT:
+        if chunk := skipped(_buffered(response.content)):
+            yield chunk
+        raise
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    read = getattr(content, "_read_nowait", None)  # the buffer, without the error check
+    try:
+        return bytes(read(-1)) if read is not None else b""
+    except Exception:
+        return b""
+
+
+class _Inconsistent(Exception):
+    """The upstream's answers to one fill do not fit together."""
+
+
+def _range_total(content_range: str | None, start: int | None) -> int | None:
+    """The size in ``Content-Range: bytes <start>-<size-1>/<size>`` (or ``bytes */<size>``
+    when ``start`` is None), if the header says exactly that."""
+    match = _CONTENT_RANGE_RE.fullmatch((content_range or "").strip())
+    if match is None:
+        return None
+    first, last, size = match.group(1), match.group(2), int(match.group(3))
+    if start is None:
+        return size if first is None else None
+    if first is None or int(first) != start or int(last) != size - 1:
+        return None
+    return size
+
+
+def _resumable(exc: BaseException) -> bool:
+    """Whether a fill that failed so leaves a spool worth continuing from: not when the
+    upstream's bytes proved wrong or it refuses the blob."""
+    if isinstance(exc, (DigestInvalid, SizeInvalid, _Inconsistent)):
+        return False
+    if isinstance(exc, UpstreamStatus):
+        return exc.status == 429 or exc.status >= 500
+    return True
 
 
 def _blob_error(exc: BaseException, digest: Digest) -> RegistryError:

@@ -137,10 +137,16 @@ class Upstream:
             return r.content_length if r.status == 200 else None
 
     @asynccontextmanager
-    async def get_blob(self, repo: str, digest: Digest) -> AsyncIterator[aiohttp.ClientResponse]:
-        async with self.request("GET", f"/v2/{repo}/blobs/{digest}", repo) as r:
-            _check(r)
-            if r.status != 200:
+    async def get_blob(
+        self, repo: str, digest: Digest, start: int = 0
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The blob, or from ``start`` on (``Range: bytes=start-``): the response is a 200
+        (the whole blob: the upstream may ignore ``Range``), a 206 (check its
+        ``Content-Range``) or, for a ``start`` past the end, a 416."""
+        headers = {"Range": f"bytes={start}-"} if start else None
+        async with self.request("GET", f"/v2/{repo}/blobs/{digest}", repo, headers=headers) as r:
+            if r.status not in (200, 206) and not (start and r.status == 416):
+                _check(r)
                 raise UpstreamStatus(r.status, r.headers.get("Retry-After"))
             yield r
 

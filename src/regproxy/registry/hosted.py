@@ -29,12 +29,13 @@ from regproxy.errors import (
     NameUnknown,
     RangeInvalid,
     SizeInvalid,
+    Unavailable,
 )
 from regproxy.meta.base import BlobRow, ManifestRow, MetadataStore, UploadRow
 from regproxy.oci import Digest
 from regproxy.registry.base import ContentRange
 from regproxy.registry.manifest import annotations_of, lookup_reference, parse_manifest
-from regproxy.storage.base import BlobStore, BlobWriter
+from regproxy.storage.base import BlobStore, BlobWriter, UploadLost
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,18 @@ class HostedRegistry:
         return upload
 
     async def get_upload(self, repo: str, upload_id: str) -> UploadRow:
+        """An upload's status: only while its recorded bytes are really stored."""
+        upload = await self._upload(repo, upload_id)
+        try:
+            stored = await self.storage.upload_stored(upload.id, upload.state, upload.offset)
+        except Unavailable:
+            return upload  # storage cannot say now; the row is the record
+        if not stored:
+            await self._drop_lost(upload)
+            raise UploadLost(upload_id)
+        return upload
+
+    async def _upload(self, repo: str, upload_id: str) -> UploadRow:
         upload = await self.meta.get_upload(upload_id)
         if upload is None or upload.repo != repo:
             raise BlobUploadUnknown(detail={"upload_id": upload_id})
@@ -143,10 +156,14 @@ class HostedRegistry:
         content_range: ContentRange | None,
     ) -> UploadRow:
         async with self._upload_lock(upload_id):
-            upload = await self.get_upload(repo, upload_id)
-            expected = _expected_length(upload, content_range)
-            writer, hasher = await self._resume(upload)
-            size, state = await self._receive(upload, writer, hasher, body, expected)
+            upload = await self._upload(repo, upload_id)
+            expected = await self._expected_length(upload, content_range)
+            try:
+                writer, hasher = await self._resume(upload)
+                size, state = await self._receive(upload, writer, hasher, body, expected)
+            except UploadLost:
+                await self._drop_lost(upload)
+                raise
             return await self._record(upload, size, state, hasher)
 
     async def finish_upload(
@@ -158,9 +175,15 @@ class HostedRegistry:
         content_range: ContentRange | None = None,
     ) -> BlobRow:
         async with self._upload_lock(upload_id):
-            upload = await self.get_upload(repo, upload_id)
-            expected = _expected_length(upload, content_range if body is not None else None)
-            writer, hasher = await self._resume(upload)
+            upload = await self._upload(repo, upload_id)
+            expected = await self._expected_length(
+                upload, content_range if body is not None else None
+            )
+            try:
+                writer, hasher = await self._resume(upload)
+            except UploadLost:
+                # Killed after the commit published the bytes, before the row was written?
+                return await self._finish_published(upload, body, digest)
             size = upload.offset
             if body is not None and digest.algorithm == upload.algorithm:
                 # The last bytes go straight into the commit: nothing to record in between.
@@ -211,7 +234,11 @@ class HostedRegistry:
 
     async def cancel_upload(self, repo: str, upload_id: str) -> None:
         async with self._upload_lock(upload_id):
-            upload = await self.get_upload(repo, upload_id)
+            upload = await self._upload(repo, upload_id)
+            if not await self.storage.upload_stored(upload.id, upload.state, upload.offset):
+                # After a crash its bytes may be a blob a row already names: leave them.
+                await self._drop_lost(upload)
+                return
             await self._forget(upload)
 
     async def purge_stale_uploads(self, max_age: float) -> int:
@@ -219,10 +246,81 @@ class HostedRegistry:
         purged = 0
         for upload in await self.meta.stale_uploads(time.time() - max_age):
             async with self._upload_lock(upload.id):
-                # Only if nobody, in any process, touched it since we looked.
-                if await self._forget(upload, expected=upload.updated):
+                # Only if nobody, in any process, touched it since we looked; and its
+                # storage only if it is still the upload's (see cancel_upload).
+                if not await self.storage.upload_stored(upload.id, upload.state, upload.offset):
+                    purged += await self._drop_lost(upload)
+                elif await self._forget(upload, expected=upload.updated):
                     purged += 1
         return purged
+
+    async def reconcile_uploads(self, grace: float) -> int:
+        """Drop the rows of uploads idle for ``grace`` seconds whose stored bytes are gone
+        (a crash after a commit, before its row; see ``_finish_published``); returns how
+        many. Within the grace a retried finish can still complete them."""
+        dropped = 0
+        for upload in await self.meta.stale_uploads(time.time() - grace):
+            async with self._upload_lock(upload.id):
+                if await self.storage.upload_stored(upload.id, upload.state, upload.offset):
+                    continue
+                if await self._drop_lost(upload):
+                    dropped += 1
+        return dropped
+
+    async def _finish_published(
+        self, upload: UploadRow, body: AsyncIterator[bytes] | None, digest: Digest
+    ) -> BlobRow:
+        """Finish an upload whose bytes a commit already published, when they are the blob.
+
+        The bytes count only if they are where a commit of this upload as ``digest`` put
+        them, hold as many bytes as the upload plus this request's body, and hash to the
+        digest. Otherwise the upload is gone: its row is dropped, 404 BLOB_UPLOAD_UNKNOWN.
+        """
+        size = upload.offset
+        if body is not None:
+            async for chunk in body:  # the final chunk, sent again: already in the blob
+                size += len(chunk)
+        found = await self.storage.published(upload.id, digest)
+        if found is None or found[1] != size or not await self._stored_as(found[0], size, digest):
+            await self._drop_lost(upload)
+            raise UploadLost(upload.id)
+        key = found[0]
+        claimed = await self.meta.update_upload(
+            upload.id, upload.offset, upload.state, time.time(), expected=upload.updated
+        )
+        if not claimed:
+            raise BlobUploadUnknown(
+                "the upload changed or expired during this request",
+                detail={"upload_id": upload.id},
+            )
+        log.info("upload %s: its bytes were published before a crash; finishing it", upload.id)
+        async with self._digest_lock(digest):
+            blob = await self.meta.add_blob(upload.repo, BlobRow(digest, size, key))
+        if blob.storage_key != key:  # another upload of the same bytes got there first
+            await self.storage.delete(key)
+        self._hashers.pop(upload.id, None)
+        await self.meta.delete_upload(upload.id)
+        return blob
+
+    async def _stored_as(self, key: str, size: int, digest: Digest) -> bool:
+        """Whether the ``size`` bytes stored at ``key`` hash to ``digest``."""
+        hasher = hashlib.new(digest.algorithm)
+        try:
+            async for chunk in self.storage.read(key, 0, size):
+                await asyncio.to_thread(hasher.update, chunk)
+        except FileNotFoundError:
+            return False
+        return bool(hasher.hexdigest() == digest.hex)
+
+    async def _drop_lost(self, upload: UploadRow) -> bool:
+        """Delete the row of an upload whose bytes are gone (if nobody changed it since).
+
+        Whatever is left in storage is not deleted here: after a crash it may be a published
+        blob that another process is just recording; the orphan sweep removes what no row
+        names.
+        """
+        self._hashers.pop(upload.id, None)
+        return await self.meta.delete_upload(upload.id, expected=upload.updated)
 
     async def _forget(self, upload: UploadRow, *, expected: float | None = None) -> bool:
         # Row first: storage never outlives the row.
@@ -292,6 +390,22 @@ class HostedRegistry:
             )
         self._hashers[upload.id] = (size, hasher)
         return UploadRow(upload.id, upload.repo, upload.algorithm, size, state, upload.started, now)
+
+    async def _expected_length(
+        self, upload: UploadRow, content_range: ContentRange | None
+    ) -> int | None:
+        """The length of a chunk that must start where the upload ends (416 if it does not)."""
+        if content_range is None:
+            return None
+        if content_range.start != upload.offset:
+            if not await self.storage.upload_stored(upload.id, upload.state, upload.offset):
+                await self._drop_lost(upload)  # its Range would claim bytes that are gone
+                raise UploadLost(upload.id)
+            raise RangeInvalid(
+                f"chunk starts at {content_range.start}, the upload holds {upload.offset} bytes",
+                headers={"Range": range_header(upload.offset), oci.UPLOAD_UUID: upload.id},
+            )
+        return content_range.length
 
     def _upload_lock(self, upload_id: str) -> asyncio.Lock:
         return _lock_for(self._upload_locks, upload_id)
@@ -379,18 +493,6 @@ class HostedRegistry:
                 descriptor["annotations"] = annotations
             descriptors.append(descriptor)
         return descriptors
-
-
-def _expected_length(upload: UploadRow, content_range: ContentRange | None) -> int | None:
-    """The length of a chunk that must start where the upload ends (416 if it does not)."""
-    if content_range is None:
-        return None
-    if content_range.start != upload.offset:
-        raise RangeInvalid(
-            f"chunk starts at {content_range.start}, the upload holds {upload.offset} bytes",
-            headers={"Range": range_header(upload.offset), oci.UPLOAD_UUID: upload.id},
-        )
-    return content_range.length
 
 
 def _lock_for(locks: weakref.WeakValueDictionary[str, asyncio.Lock], key: str) -> asyncio.Lock:

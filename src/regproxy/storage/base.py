@@ -6,7 +6,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
+from regproxy.errors import BlobUploadUnknown
 from regproxy.oci import Digest
+
+
+class UploadLost(BlobUploadUnknown):
+    """The stored bytes of an upload are not where its recorded state says.
+
+    A crash between a commit (which moved them) and the row that records the blob leaves
+    an upload so; so does anything that removed them. The upload cannot continue.
+    """
+
+    def __init__(self, upload_id: str) -> None:
+        super().__init__(
+            f"the stored bytes of upload {upload_id} are gone; start the upload again",
+            detail={"upload_id": upload_id},
+        )
 
 
 class BlobWriter(Protocol):
@@ -38,7 +53,8 @@ class BlobStore(Protocol):
         """A writer for a new upload (``state`` is None) or one resumed at ``offset``.
 
         Resuming discards any bytes stored past ``offset`` (written by a request whose
-        progress was never recorded, for example because the process was killed).
+        progress was never recorded, for example because the process was killed). Raises
+        ``UploadLost`` (here or on a later call) when the recorded bytes are gone.
         """
         ...
 
@@ -47,6 +63,16 @@ class BlobStore(Protocol):
         ...
 
     async def delete_upload(self, upload_id: str, state: str) -> None: ...
+
+    async def upload_stored(self, upload_id: str, state: str, offset: int) -> bool:
+        """Whether the first ``offset`` bytes of an upload are still where ``state`` says."""
+        ...
+
+    async def published(self, upload_id: str, digest: Digest) -> tuple[str, int] | None:
+        """The key and size of what a commit of this upload as ``digest`` stored, if an
+        object is there (to finish an upload whose commit outlived a crash). The caller
+        verifies the bytes."""
+        ...
 
     def read(self, key: str, start: int, length: int) -> AsyncIterator[bytes]:
         """``length`` bytes of a committed blob from ``start``."""

@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from regproxy.oci import Digest
+from regproxy.storage.base import UploadLost
 
 READ_SIZE = 1 << 20
+
+
+class ShortFile(OSError):
+    """A file holds fewer bytes than it should."""
 
 
 class FilesystemBlobWriter:
@@ -93,7 +98,13 @@ class FilesystemBlobStore:
         def open_file() -> BinaryIO:
             if state is None:
                 return open(path, "xb")
-            f = open(path, "r+b")
+            try:
+                f = open(path, "r+b")
+            except FileNotFoundError:
+                raise UploadLost(upload_id) from None
+            if os.fstat(f.fileno()).st_size < offset:  # truncate() would pad with zeros
+                f.close()
+                raise UploadLost(upload_id)
             f.truncate(offset)
             f.seek(offset)
             return f
@@ -101,11 +112,24 @@ class FilesystemBlobStore:
         f = await asyncio.to_thread(open_file)
         return FilesystemBlobWriter(self, path, f, offset if state is not None else 0)
 
-    def read_upload(self, upload_id: str, state: str, length: int) -> AsyncIterator[bytes]:
-        return _read_file(self._upload_path(upload_id), 0, length)
+    async def read_upload(self, upload_id: str, state: str, length: int) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in _read_file(self._upload_path(upload_id), 0, length):
+                yield chunk
+        except (FileNotFoundError, ShortFile):
+            raise UploadLost(upload_id) from None
 
     async def delete_upload(self, upload_id: str, state: str) -> None:
         await asyncio.to_thread(self._upload_path(upload_id).unlink, True)
+
+    async def upload_stored(self, upload_id: str, state: str, offset: int) -> bool:
+        size = await asyncio.to_thread(_size_of, self._upload_path(upload_id))
+        return size is not None and size >= offset
+
+    async def published(self, upload_id: str, digest: Digest) -> tuple[str, int] | None:
+        key = self.blob_key(digest)
+        size = await asyncio.to_thread(_size_of, self._blob_path(key))
+        return None if size is None else (key, size)
 
     def read(self, key: str, start: int, length: int) -> AsyncIterator[bytes]:
         return _read_file(self._blob_path(key), start, length)
@@ -126,6 +150,13 @@ class FilesystemBlobStore:
         return None
 
 
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
 async def _read_file(path: Path, start: int, length: int) -> AsyncIterator[bytes]:
     f = await asyncio.to_thread(open, path, "rb")
     try:
@@ -133,7 +164,7 @@ async def _read_file(path: Path, start: int, length: int) -> AsyncIterator[bytes
         while length > 0:
             chunk = await asyncio.to_thread(f.read, min(READ_SIZE, length))
             if not chunk:
-                raise OSError(f"{path} ended {length} bytes early")
+                raise ShortFile(f"{path} ended {length} bytes early")
             length -= len(chunk)
             yield chunk
     finally:

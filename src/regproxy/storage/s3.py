@@ -60,6 +60,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from regproxy.config import ConfigError, S3Config
 from regproxy.errors import BlobUploadUnknown, SizeInvalid, Unavailable
 from regproxy.oci import Digest
+from regproxy.storage.base import UploadLost
 from regproxy.streams import rechunk
 
 log = logging.getLogger(__name__)
@@ -360,6 +361,35 @@ class S3BlobStore:
             recorded = _State()
         await self._discard(upload_id, recorded, None)
 
+    async def upload_stored(self, upload_id: str, state: str, offset: int) -> bool:
+        try:
+            recorded = _State.loads(state)
+        except (ValueError, KeyError, TypeError):
+            return False
+        if recorded.size != offset:
+            return False
+        key = self._full(self.blob_key(upload_id))
+        if recorded.mpu is not None and recorded.mpu not in self._consolidated:
+            try:
+                await self._call("list_parts", Key=key, UploadId=recorded.mpu, MaxParts=1)
+            except ClientError as exc:
+                if not _is_missing(exc):
+                    raise
+                # Completed: by a takeover (the parts so far, still usable), or by a commit.
+                if await self._completed_as(key, recorded.parts) is None:
+                    return False
+        elif recorded.base is not None and await self._head(key) != recorded.base:
+            return False
+        if recorded.tail is not None:
+            tail = await self._head(self._tail_key(upload_id, recorded.gen))
+            return tail == recorded.tail
+        return True
+
+    async def published(self, upload_id: str, digest: Digest) -> tuple[str, int] | None:
+        key = self.blob_key(upload_id)  # completed in place
+        found = await self._head(self._full(key))
+        return None if found is None else (key, found.size)
+
     async def read(self, key: str, start: int, length: int) -> AsyncIterator[bytes]:
         async for chunk in self._read_object(self._full(key), start, length):
             yield chunk
@@ -573,12 +603,8 @@ def _length(data: io.BytesIO) -> int:
     return size
 
 
-def _upload_lost(upload_id: str) -> BlobUploadUnknown:
-    return BlobUploadUnknown(
-        f"the stored bytes of upload {upload_id} are gone or were changed by another request;"
-        " start the upload again",
-        detail={"upload_id": upload_id},
-    )
+def _upload_lost(upload_id: str) -> UploadLost:
+    return UploadLost(upload_id)
 
 
 # -- the writer ---------------------------------------------------------------------------------
