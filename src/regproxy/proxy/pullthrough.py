@@ -351,6 +351,7 @@ class PullThroughRegistry:
             fill = self._fills.get(str(digest))
             if fill is not None:  # ours, after a takeover
                 try:
+                    await asyncio.shield(fill.size)  # its spool is open once the size is known
                     async for chunk in fill.read(position, end - position):
                         position += len(chunk)
                         yield chunk
