@@ -21,11 +21,13 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import aiosqlite
 import asyncpg
 import pytest
 import yarl
@@ -532,3 +534,49 @@ async def until(condition: Callable[[], bool], tasks: list[asyncio.Task[None]]) 
                     task.result()
                     raise AssertionError("a puller stopped early")
             await asyncio.sleep(0.05)
+
+
+async def test_worker_killed_mid_fill_is_taken_over_from_its_spool(tmp_path: Path) -> None:
+    """``--workers 2``: the worker that owns a fill is SIGKILLed; once its lease expires the
+    other worker takes the fill over and continues from the dead one's spool file (a Range
+    request upstream), its clients get every byte, the dead one's a cut connection."""
+    fake = FakeUpstream()
+    layer = os.urandom(4 * MiB + 11)
+    image = fake.add_image("team/app", "v1", [layer], seed="workers-kill")
+    digest = layers_of(image)[0]
+    fake.slow = {digest}
+    fake.slow_first = 1 * MiB
+    headers_seen = Arrivals(8 * len(image.blobs))
+    async with served(fake) as upstream:
+        config = f'[upstreams.up]\nurl = "{upstream}"\n[cluster]\nlease_ttl = 5\n'
+        env = {"REGPROXY_WORKERS": "2"}
+        async with regproxy(tmp_path / "serve", env=env, config=config) as server:
+            workers = await wait_workers(server.pid, server.port, server.alive)
+            async with new_session() as session:
+                pulls = [
+                    asyncio.create_task(pull(session, server.url, image, headers_seen))
+                    for _ in range(8)
+                ]
+                await headers_seen.wait()
+                async with aiosqlite.connect(server.data_dir / "metadata.sqlite") as db:
+                    rows = await db.execute_fetchall(
+                        "SELECT owner FROM leases WHERE key = ?", (f"blob:{digest}",)
+                    )
+                owner = int(next(iter(rows))[0].split("-")[0])
+                assert owner in workers
+                os.kill(owner, signal.SIGKILL)
+                fake.release.set()
+                outcomes = await asyncio.gather(*pulls)
+                for outcome in outcomes:
+                    for got, data in outcome.complete.items():
+                        assert data == image.blobs[got]
+                    assert set(outcome.complete) | outcome.cut == set(image.blobs)
+                assert any(digest in outcome.complete for outcome in outcomes)
+                retry = await pull(session, server.url, image)
+                assert retry.complete == image.blobs
+            log = server.log_path.read_text()
+            assert "taking over" in log
+            resumed = re.search(rf"cached {digest}, \d+ bytes \((\d+) resumed from the spool", log)
+            assert resumed is not None and int(resumed.group(1)) > 0, log[-3000:]
+            assert fake.bytes_sent[digest] < 2 * len(layer)
+            assert blob_gets(fake, digest) == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 import uuid
@@ -55,7 +56,8 @@ class Leases:
 
     def __init__(self, meta: MetadataStore, *, host: str, url: str, ttl: float) -> None:
         self.meta = meta
-        self.owner = uuid.uuid4().hex
+        # The pid first, for people (and tests) looking at the table.
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
         self.host = host
         self.url = url
         self.ttl = ttl
