@@ -5,13 +5,21 @@ from __future__ import annotations
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import yarl
 from aiohttp import web
 
 from regproxy.api.keys import CONFIG, REGISTRY
-from regproxy.api.middleware import IN_FLIGHT, InFlight, add_common_headers, errors_middleware
+from regproxy.api.middleware import (
+    IN_FLIGHT,
+    InFlight,
+    add_common_headers,
+    errors_middleware,
+    observe_middleware,
+)
+from regproxy.api.ops import READINESS, Readiness
 from regproxy.api.routes import add_routes
 from regproxy.auth.middleware import auth_middleware
 from regproxy.auth.ratelimit import SharedLoginLimiter
@@ -25,12 +33,14 @@ from regproxy.errors import Unavailable
 from regproxy.meta.base import MetadataStore
 from regproxy.meta.postgres import PostgresMetadataStore
 from regproxy.meta.sqlite import SqliteMetadataStore
-from regproxy.proxy.pullthrough import PullThroughRegistry
+from regproxy.metrics import METRICS, Metrics, gauge
+from regproxy.proxy.pullthrough import PULL_THROUGH, PullThroughRegistry
 from regproxy.proxy.upstream import Upstream
 from regproxy.registry.hosted import HostedRegistry
 from regproxy.registry.router import RegistryRouter
 from regproxy.storage.base import BlobStore
 from regproxy.storage.filesystem import FilesystemBlobStore
+from regproxy.storage.instrumented import InstrumentedBlobStore
 from regproxy.storage.s3 import S3BlobStore
 from regproxy.tasks import HOSTED, background_tasks
 
@@ -83,7 +93,8 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         async with _blob_store(config) as storage:
-            app[HOSTED] = HostedRegistry(meta, storage)
+            timed = InstrumentedBlobStore(storage, app[METRICS], config.storage.backend)
+            app[HOSTED] = HostedRegistry(meta, timed)
             yield
     finally:
         auth.shared_limiter = None
@@ -120,8 +131,10 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     """The router over the hosted registry and one pull-through cache per upstream."""
     config = app[CONFIG]
     sessions = {name: _client_session(up) for name, up in config.upstreams.items()}
+    metrics = app[METRICS]
     upstreams = {
-        name: Upstream(name, config.upstreams[name], session) for name, session in sessions.items()
+        name: Upstream(name, config.upstreams[name], session, metrics=metrics)
+        for name, session in sessions.items()
     }
     cluster = _cluster(config, app[HOSTED])
     proxy = PullThroughRegistry(
@@ -129,11 +142,14 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
         upstreams,
         config.data_path / "spool",
         config.limits.manifest_max_bytes,
-        cluster,
+        cluster=cluster,
+        metrics=metrics,
     )
     await proxy.reconcile_spool(config.uploads.max_age)
+    _scrape_queries(metrics, app[HOSTED].meta, list(upstreams))
     app[REGISTRY] = RegistryRouter(app[HOSTED], proxy, config.default_upstream)
     app[FILL_SOURCE] = proxy
+    app[PULL_THROUGH] = proxy
     try:
         yield
     finally:
@@ -160,13 +176,51 @@ def _cluster(config: Config, hosted: HostedRegistry) -> Cluster:
     return Cluster(leases, peer)
 
 
-def create_app(config: Config) -> web.Application:
+def _scrape_queries(metrics: Metrics, meta: MetadataStore, upstreams: list[str]) -> None:
+    """The metrics each scrape asks the metadata store for: a fixed number of queries."""
+
+    async def cache_size() -> list[Any]:
+        size = gauge(
+            "registry_proxy_cache_bytes",
+            "Bytes stored for an upstream's cache (blobs once each, plus manifests).",
+            ["upstream"],
+        )
+        blobs = gauge("registry_proxy_cache_blobs", "Blobs in an upstream's cache.", ["upstream"])
+        for name in upstreams:
+            count, total = await meta.cache_usage(name)
+            size.add_metric([name], total)
+            blobs.add_metric([name], count)
+        return [size, blobs]
+
+    async def uploads() -> list[Any]:
+        family = gauge("registry_uploads_in_progress", "Blob uploads started and not finished.")
+        family.add_metric([], await meta.count_uploads())
+        return [family]
+
+    metrics.add_scrape_query(cache_size)
+    metrics.add_scrape_query(uploads)
+    for name in upstreams:
+        metrics.upstream_added(name)
+
+
+def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
+    """The registry app; ``metrics`` defaults to a fresh ``Metrics`` of its own."""
     in_flight = InFlight()
     # Users, rules and the token key are read now, so a bad one stops start-up (ConfigError);
     # upstream prefixes are pull-only for everyone.
     auth = build_authenticator(config, pull_only=upstream_prefixes(config.upstreams))
-    app = web.Application(middlewares=[in_flight.middleware, errors_middleware, auth_middleware])
+    app = web.Application(
+        middlewares=[
+            observe_middleware,
+            in_flight.middleware,
+            errors_middleware,
+            auth_middleware,
+        ]
+    )
     app[CONFIG] = config
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    auth.metrics = app[METRICS]
+    app[READINESS] = Readiness()
     app[AUTH] = auth
     app[IN_FLIGHT] = in_flight
     app[SECRET] = config.cluster.secret

@@ -12,6 +12,15 @@ from multiprocessing.connection import Connection
 from regproxy import __version__
 from regproxy.config import Config, ConfigError, load_config
 
+DESCRIPTION = """\
+regproxy: a container registry and pull-through cache in one service.
+
+It hosts repositories you push to, and caches the registries configured as upstreams
+(Docker Hub, ghcr.io, ...) under a name prefix: pulling <upstream>/<path> fetches from the
+upstream once and serves every later pull from the cache. Configuration comes from a TOML
+file (--config or REGPROXY_CONFIG) and REGPROXY_* variables; see README.md.
+"""
+
 # Request bodies are read from the socket in pieces of this size.
 READ_BUFSIZE = 1 << 20
 # Longest request line read (aiohttp's default is 8190): a longer one gets a bare 400 from the
@@ -20,19 +29,37 @@ MAX_LINE_SIZE = 16 << 10
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regproxy", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="regproxy",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `regproxy COMMAND --help` for the options of a command.",
+    )
     parser.add_argument("--version", action="version", version=f"regproxy {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the registry")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the registry",
+        description="Run the registry and cache until SIGTERM or SIGINT, then drain and stop."
+        " Exits 2 with one line on stderr when it cannot start (a configuration error, a"
+        " port in use, a data directory it cannot use).",
+    )
     serve.add_argument("--config", help="TOML configuration file (or REGPROXY_CONFIG)")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000)")
     serve.add_argument("--data-dir", help="where blobs and metadata live (default ./data)")
     serve.add_argument(
         "--workers", type=int, help="processes serving the one port (default 1, or workers)"
     )
-    user = commands.add_parser("user", help="add or remove a user of the htpasswd file")
-    user.add_argument("action", choices=["add", "remove"])
-    user.add_argument("name", help="user name: letters, digits, '.', '_', '-'")
+    user = commands.add_parser(
+        "user",
+        help="list, add or remove users of the htpasswd file",
+        description="Keep the users clients log in as: `user list` shows every user (from"
+        " the htpasswd file and [auth.users]); `user add NAME` asks for a password (or reads"
+        " one line of stdin) and stores its bcrypt hash; `user remove NAME` deletes it. A"
+        " running server picks the changes up without a restart.",
+    )
+    user.add_argument("action", choices=["list", "add", "remove"])
+    user.add_argument("name", nargs="?", help="user name: letters, digits, '.', '_', '-'")
     user.add_argument("--config", help="TOML configuration file (or REGPROXY_CONFIG)")
     user.add_argument("--data-dir", help="data directory whose htpasswd to use")
     user.add_argument("--file", help="htpasswd file (default: auth.users_file)")
@@ -40,24 +67,53 @@ def _parser() -> argparse.ArgumentParser:
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
     user.add_argument("--rounds", type=int, default=12, help="bcrypt cost (default 12)")
+    cache = commands.add_parser(
+        "cache",
+        help="list or pre-fetch cached images",
+        description="Work on the pull-through cache in the configured data directory (a"
+        " running server may share it).",
+    )
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    ls = cache_commands.add_parser(
+        "ls",
+        help="list cached images with their size",
+        description="List the cached tags of every upstream (or one), with the image's size"
+        " (its manifests and blobs, each once) and when the tag was last fetched or"
+        " confirmed upstream.",
+    )
+    ls.add_argument("--upstream", metavar="NAME", help="only this upstream's cache")
+    warm = cache_commands.add_parser(
+        "warm",
+        help="pre-fetch images into the cache",
+        description="Fetch images into the cache before clients ask for them (e.g. before a"
+        " CI fleet rolls out): the manifest, every platform of an index, and every blob, as"
+        " a pull through the cache would. IMAGE is <upstream>/<path>[:tag|@digest], the"
+        " upstream given by its name or host (docker.io/library/alpine:3.20); without one,"
+        " default_upstream. Exits 1 if any image failed.",
+    )
+    warm.add_argument("images", nargs="+", metavar="IMAGE")
+    warm.add_argument(
+        "--platform",
+        action="append",
+        default=[],
+        metavar="OS/ARCH[/VARIANT]",
+        help="of an index, fetch only these platforms (repeatable; default: all)",
+    )
+    for sub in (ls, warm):
+        sub.add_argument("--config", help="TOML configuration file (or REGPROXY_CONFIG)")
+        sub.add_argument("--data-dir", help="the data directory (default ./data)")
     return parser
 
 
 def _configure_logging(config: Config) -> None:
+    from regproxy.logs import configure_logging
+
     # With several workers, each line says which process wrote it.
-    process = " [%(process)d]" if config.workers > 1 else ""
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format=f"%(asctime)s{process} %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level, config.log_format, with_pid=config.workers > 1)
 
 
 def serve(config: Config) -> int:
     _configure_logging(config)
-    logging.getLogger("regproxy").info(
-        "regproxy %s listening on %s, data in %s", __version__, config.listen, config.data_dir
-    )
     if config.workers > 1:
         return _supervise(config)
     return _serve_one(config)
@@ -69,6 +125,7 @@ def _serve_one(
     import asyncio
 
     from regproxy.api.middleware import AccessLogger
+    from regproxy.preflight import StartupError
     from regproxy.server import run
 
     try:
@@ -84,8 +141,9 @@ def _serve_one(
             )
         )
     except ConfigError as exc:  # found at start-up, e.g. an S3 bucket that does not exist
-        print(f"regproxy: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _cannot_start(config, f"configuration error: {exc}")
+    except StartupError as exc:  # a port in use, a data directory it cannot use
+        return _cannot_start(config, str(exc))
     return 0
 
 
@@ -93,13 +151,16 @@ def _supervise(config: Config) -> int:
     import asyncio
 
     from regproxy.app import prepare
+    from regproxy.preflight import StartupError, check_data_dirs
     from regproxy.server import supervise
 
     try:
+        check_data_dirs(config)
         asyncio.run(prepare(config))
     except ConfigError as exc:
-        print(f"regproxy: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _cannot_start(config, f"configuration error: {exc}")
+    except StartupError as exc:
+        return _cannot_start(config, str(exc))
     return supervise(config, serve_worker)
 
 
@@ -117,6 +178,15 @@ def serve_worker(config: Config, slot: int, ready: Connection) -> None:
     sys.exit(_serve_one(config, reuse_port=True, ready=bound))
 
 
+def _cannot_start(config: Config, message: str) -> int:
+    """One line on stderr (a JSON object with log_format = "json"), exit status 2."""
+    if config.log_format == "json":
+        logging.getLogger("regproxy").error("%s", message)
+    else:
+        print(f"regproxy: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -131,6 +201,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ConfigError as exc:
         print(f"regproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "cache":
+        from regproxy import cache_cli
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        if args.cache_command == "ls":
+            return cache_cli.run_ls(config, args.upstream)
+        return cache_cli.run_warm(config, args.images, args.platform)
+    if args.command == "user" and args.action == "list":
+        from regproxy.auth.admin import list_users
+
+        return list_users(config, file=args.file)
+    if args.command == "user" and not args.name:
+        print(f"regproxy: user {args.action} needs a NAME", file=sys.stderr)
         return 2
     if args.command == "user":
         from regproxy.auth.admin import user_command

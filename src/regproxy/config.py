@@ -9,6 +9,7 @@ message naming the key. Nothing else in the program reads the environment.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import re
 import socket
@@ -30,6 +31,8 @@ ENV_CONFIG_FILE = "REGPROXY_CONFIG"
 MAX_WORKERS = 64
 # An upstream's name is the first path component of the repositories it serves.
 _UPSTREAM_NAME_RE = re.compile(r"^[a-z0-9]+(?:[.-][a-z0-9]+)*(?::[0-9]+)?$")
+# A tag_rules glob: tag characters plus the glob's own.
+_TAG_GLOB_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 
 
 class ConfigError(Exception):
@@ -99,6 +102,24 @@ class LimitsConfig:
     page_max: int = 10000
 
 
+# A tag_rules ttl: cached once, never revalidated.
+FOREVER = "forever"
+
+
+@dataclass(frozen=True)
+class TagRule:
+    """One of ``tag_rules``: tags matching the glob ``match`` are fresh for ``ttl`` seconds."""
+
+    # A glob over the tag (``*``, ``?``, ``[...]``), e.g. "v*.*.*" or "latest".
+    match: str = ""
+    # Seconds, or "forever": cached once, never revalidated.
+    ttl: int | float | str = 300.0
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.ttl == FOREVER else float(self.ttl)
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     """A registry cached under the path prefix ``<name>/`` (``[upstreams."<name>"]``)."""
@@ -116,6 +137,21 @@ class UpstreamConfig:
     max_connections: int = 32
     # Map one-part names to library/ (Docker Hub's official images); default: Docker Hub only.
     official_library: bool | None = None
+    # Per-tag TTL classes, first match wins, else tag_ttl: e.g.
+    # [{match = "v*.*.*", ttl = "forever"}, {match = "latest", ttl = 60}].
+    tag_rules: tuple[TagRule, ...] = ()
+    # Seconds an upstream 404 (manifest or blob) is remembered and answered without asking
+    # again; 0 turns the negative cache off.
+    negative_ttl: float = 30.0
+    # Serve a tag past its TTL from the cache at once and revalidate it in the background.
+    stale_while_revalidate: bool = False
+
+    def ttl_for(self, tag: str) -> float | None:
+        """Seconds ``tag`` stays fresh once checked; None: forever."""
+        for rule in self.tag_rules:
+            if fnmatch.fnmatchcase(tag, rule.match):
+                return rule.seconds
+        return self.tag_ttl
 
 
 @dataclass(frozen=True)
@@ -195,12 +231,26 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus metrics at ``/metrics``."""
+
+    enabled: bool = True
+    # A separate HOST:PORT (e.g. "127.0.0.1:9100") serving only /metrics, without auth; empty:
+    # /metrics is on the main listener and needs a login like /v2/ (see README).
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:5000"
     data_dir: str = "./data"
     log_level: str = "info"
+    # "text" (readable lines) or "json" (one JSON object per line, access and application).
+    log_format: str = "text"
     # Seconds SIGTERM waits for in-flight requests before the process exits.
     shutdown_timeout: float = 30.0
+    # Seconds /readyz waits for the metadata store and blob storage to answer.
+    ready_timeout: float = 2.0
     storage: StorageConfig = field(default_factory=StorageConfig)
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -212,6 +262,7 @@ class Config:
     # Processes serving the one port (SO_REUSEPORT); `regproxy serve --workers N`.
     workers: int = 1
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def host(self) -> str:
@@ -390,6 +441,14 @@ def _validate(config: Config) -> None:
         raise ConfigError("config key workers: several workers need SO_REUSEPORT (Linux)")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key log_level: unknown level {config.log_level!r}")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(
+            f"config key log_format: expected 'text' or 'json', got {config.log_format!r}"
+        )
+    if config.metrics.listen and not _is_host_port(config.metrics.listen):
+        raise ConfigError(
+            f"config key metrics.listen: expected HOST:PORT, got {config.metrics.listen!r}"
+        )
     positive = {
         "uploads.max_age": config.uploads.max_age,
         "uploads.purge_interval": config.uploads.purge_interval,
@@ -397,6 +456,7 @@ def _validate(config: Config) -> None:
         "limits.manifest_max_bytes": config.limits.manifest_max_bytes,
         "limits.page_max": config.limits.page_max,
         "shutdown_timeout": config.shutdown_timeout,
+        "ready_timeout": config.ready_timeout,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -461,6 +521,11 @@ def _validate_metadata(metadata: MetadataConfig) -> None:
             raise ConfigError(f"config key metadata.{name}: must be greater than zero, got {value}")
 
 
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
 def _validate_upstreams(config: Config) -> None:
     for name, upstream in config.upstreams.items():
         key = f"upstreams.{name}"
@@ -475,10 +540,29 @@ def _validate_upstreams(config: Config) -> None:
             raise ConfigError(f"config key {key}.ca_bundle: no such file {upstream.ca_bundle}")
         if upstream.tag_ttl < 0 or upstream.timeout <= 0 or upstream.max_connections <= 0:
             raise ConfigError(f"config key {key}: tag_ttl, timeout, max_connections must be > 0")
+        _validate_freshness(key, upstream)
     if config.default_upstream and config.default_upstream not in config.upstreams:
         raise ConfigError(
             f"config key default_upstream: {config.default_upstream!r} is not a configured upstream"
         )
+
+
+def _validate_freshness(key: str, upstream: UpstreamConfig) -> None:
+    if upstream.negative_ttl < 0:
+        raise ConfigError(
+            f"config key {key}.negative_ttl: seconds >= 0 (0: off), got {upstream.negative_ttl}"
+        )
+    for i, rule in enumerate(upstream.tag_rules):
+        where = f"{key}.tag_rules[{i}]"
+        if not rule.match or not _TAG_GLOB_RE.fullmatch(rule.match):
+            raise ConfigError(
+                f"config key {where}.match: expected a tag glob like 'v*.*.*', got {rule.match!r}"
+            )
+        if isinstance(rule.ttl, str):
+            if rule.ttl != FOREVER:
+                raise ConfigError(f"config key {where}.ttl: seconds or 'forever', got {rule.ttl!r}")
+        elif rule.ttl < 0:
+            raise ConfigError(f"config key {where}.ttl: seconds >= 0, got {rule.ttl}")
 
 
 def _validate_s3(s3: S3Config) -> None:

@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +29,16 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client.multiprocess import mark_process_dead
 
-from regproxy.api.middleware import IN_FLIGHT
+from regproxy import __version__
+from regproxy.api.middleware import IN_FLIGHT, AccessLogger
+from regproxy.api.ops import READINESS, metrics_app
 from regproxy.app import create_app
-from regproxy.config import Config, ConfigError
+from regproxy.auth.service import AUTH
+from regproxy.config import Config
+from regproxy.metrics import MULTIPROC_ENV
+from regproxy.preflight import StartupError, check_data_dirs
 
 log = logging.getLogger(__name__)
 # aiohttp's connection-level logger: where it reports requests it could not even parse.
@@ -61,6 +68,50 @@ def _one_line(exc: HttpProcessingError) -> str:
     return f"{exc.code} {text[:200]}"
 
 
+async def start_site(site: web.TCPSite, listen: str) -> None:
+    """Bind and listen; a port in use (or not ours to bind) is a one-line StartupError."""
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's text is long
+        raise StartupError(f"cannot listen on {listen}: {reason}") from exc
+
+
+async def start_metrics_listener(
+    config: Config, app: web.Application, *, reuse_port: bool = False
+) -> web.AppRunner | None:
+    """``metrics.listen``: a second site in this process serving only /metrics, no auth
+    (with several workers, each binds it with SO_REUSEPORT: any of them answers for all)."""
+    if not (config.metrics.enabled and config.metrics.listen):
+        return None
+    runner = web.AppRunner(metrics_app(app), access_log=None)
+    await runner.setup()
+    host, _, port = config.metrics.listen.rpartition(":")
+    try:
+        await start_site(
+            web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=reuse_port),
+            config.metrics.listen,
+        )
+    except StartupError:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def started_message(config: Config, app: web.Application) -> str:
+    """What is running: address, data, storage, upstreams, auth mode, metrics."""
+    upstreams = ", ".join(f"{name}={up.url}" for name, up in config.upstreams.items()) or "none"
+    mode = "open (no users; loopback only)" if app[AUTH].policy.open_access else "token"
+    metrics = "off"
+    if config.metrics.enabled:
+        metrics = f"http://{config.metrics.listen}/metrics" if config.metrics.listen else "/metrics"
+    return (
+        f"regproxy {__version__} listening on http://{config.listen}; data in"
+        f" {config.data_path.resolve()}; blobs: {config.storage.backend};"
+        f" upstreams: {upstreams}; auth: {mode}; metrics: {metrics}"
+    )
+
+
 async def run(
     config: Config,
     *,
@@ -71,29 +122,31 @@ async def run(
     """Serve ``config.listen`` until a signal; ``handler_options`` go to aiohttp's runner.
 
     ``reuse_port``: bind with SO_REUSEPORT, beside the other workers; ``ready`` is called
-    once the port is bound.
+    once the port is bound. A port in use or an unusable data directory raises
+    ``StartupError`` (one line).
     """
+    check_data_dirs(config)
     app = create_app(config)
+    handler_options.setdefault("access_log_class", AccessLogger)  # it records HTTP metrics
     runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout, **handler_options)
     malformed = MalformedRequestFilter()
     logging.getLogger(SERVER_LOGGER).addFilter(malformed)
     await runner.setup()
+    metrics_runner: web.AppRunner | None = None
     try:
         site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port)
-        try:
-            await site.start()
-        except OSError as exc:  # e.g. the port is taken
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            message = f"config key listen: cannot listen on {config.listen}: {reason}"
-            raise ConfigError(message) from exc
+        await start_site(site, config.listen)
+        metrics_runner = await start_metrics_listener(config, app, reuse_port=reuse_port)
         if ready is not None:
             ready()
+        log.info("%s", started_message(config, app))  # bound, storage open
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
 
+        app[READINESS].draining = True  # /readyz answers 503 from here on
         await site.stop()  # no new connections from here on
         in_flight = app[IN_FLIGHT]
         if in_flight.count:
@@ -108,6 +161,8 @@ async def run(
                 config.shutdown_timeout,
             )
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
         logging.getLogger(SERVER_LOGGER).removeFilter(malformed)
 
@@ -269,6 +324,7 @@ class Supervisor:
 
     def _replace(self, slot: int, worker: _Worker) -> None:
         worker.process.join()
+        _metrics_of_dead_worker(worker.pid)
         if worker.ready is not None:
             worker.ready.close()
         del self._workers[slot]
@@ -318,15 +374,31 @@ class Supervisor:
                 code = 1
         for worker in self._workers.values():
             worker.process.join()
+            _metrics_of_dead_worker(worker.pid)
             if worker.ready is not None:
                 worker.ready.close()
         return code
 
 
+def _metrics_of_dead_worker(pid: int) -> None:
+    """Drop the live gauges of a worker that exited (its counters stay in the sum)."""
+    if os.environ.get(MULTIPROC_ENV):
+        mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
 def supervise(config: Config, target: WorkerTarget) -> int:
     """Run ``config.workers`` processes of ``target(config, slot, ready)``; the exit code."""
     _explain_sharing(config)
-    return Supervisor(config, target).run()
+    if os.environ.get(MULTIPROC_ENV):  # the operator's own directory
+        return Supervisor(config, target).run()
+    # Each worker's prometheus-client keeps its values in files there (it reads the variable
+    # when the spawned worker imports it), and any worker's /metrics adds them all up.
+    with tempfile.TemporaryDirectory(prefix="regproxy-metrics-") as metrics_dir:
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        try:
+            return Supervisor(config, target).run()
+        finally:
+            del os.environ[MULTIPROC_ENV]
 
 
 def _explain_sharing(config: Config) -> None:

@@ -10,6 +10,7 @@ from contextlib import suppress
 from aiohttp import web
 
 from regproxy.api.keys import CONFIG
+from regproxy.metrics import METRICS, Metrics
 from regproxy.registry.hosted import HostedRegistry
 
 log = logging.getLogger(__name__)
@@ -18,11 +19,16 @@ HOSTED = web.AppKey("hosted", HostedRegistry)
 
 
 async def _purge_uploads(
-    hosted: HostedRegistry, max_age: float, interval: float, lost_grace: float = 600.0
+    hosted: HostedRegistry,
+    max_age: float,
+    interval: float,
+    metrics: Metrics,
+    lost_grace: float = 600.0,
 ) -> None:
     while True:
         try:
             purged = await hosted.purge_stale_uploads(max_age)
+            metrics.uploads_purged(purged)
             if purged:
                 log.info("purged %d abandoned upload(s)", purged)
             # Also at start-up: rows a crash left behind whose bytes are gone.
@@ -41,6 +47,7 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
             app[HOSTED],
             config.uploads.max_age,
             config.uploads.purge_interval,
+            app[METRICS],
             config.uploads.lost_grace,
         )
     )

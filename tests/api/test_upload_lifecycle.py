@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from regproxy.config import Config
+from regproxy.metrics import METRICS
 from regproxy.registry.hosted import HostedRegistry
 from regproxy.tasks import HOSTED
 from tests.conftest import MakeClient
@@ -155,6 +156,9 @@ async def test_background_purge(make_client: MakeClient, tmp_path: Path) -> None
             break
     await assert_error(await client.get(location), 404, "BLOB_UPLOAD_UNKNOWN")
     assert await asyncio.to_thread(files_under, config.storage_path / "uploads") == []
+    registry = app_of(client)[METRICS].registry
+    assert registry.get_sample_value("registry_gc_deleted_total", {"kind": "upload"}) == 1
+    assert (registry.get_sample_value("registry_upload_purges_total") or 0) >= 1
 
 
 async def test_active_upload_is_not_purged(make_client: MakeClient, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp.test_utils import make_mocked_request
 from regproxy.api.middleware import AccessLogger
 from regproxy.auth import service as auth_service
 from regproxy.auth.users import set_user
+from regproxy.logs import ACCESS_FIELDS
 from tests.auth.conftest import PASSWORDS, StartClient, auth_config, basic
 from tests.helpers import Client, assert_error, push_image
 
@@ -233,6 +235,7 @@ def test_access_log_leaves_out_query_strings(caplog: pytest.LogCaptureFixture) -
     )
     with caplog.at_level(logging.INFO, logger="regproxy.access.test"):
         access.log(request, web.Response(status=200), 0.01)
-    line = caplog.records[-1].getMessage()
-    assert '"path":"/token"' in line
-    assert "SECRET" not in line
+    record = caplog.records[-1]
+    fields = getattr(record, ACCESS_FIELDS)
+    assert fields["path"] == "/token"
+    assert "SECRET" not in record.getMessage() + json.dumps(fields, default=str)

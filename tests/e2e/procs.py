@@ -1028,7 +1028,8 @@ async def regproxy(
     on it), the log in ``tmpdir/regproxy-<n>.log``. ``env`` adds ``REGPROXY_*`` settings;
     ``config`` is TOML text written to ``tmpdir/config.toml`` and passed with ``--config``.
     Yields once ``/healthz`` answers 200; on exit the process is stopped by its PID (SIGTERM,
-    then SIGKILL after ``stop_timeout``) unless the test already stopped it.
+    then SIGKILL after ``stop_timeout``) unless the test already stopped it. Its log is JSON
+    lines (tests read the access lines' fields) unless ``config`` sets ``log_format``.
     """
     base = Path(tmpdir)
     base.mkdir(parents=True, exist_ok=True)
@@ -1038,6 +1039,8 @@ async def regproxy(
         config_path = base / "config.toml"
         config_path.write_text(config)
     server_env = regproxy_env(env)
+    if "log_format" not in (config or ""):
+        server_env.setdefault("REGPROXY_LOG_FORMAT", "json")
     for attempt in range(3):  # another process may grab the free port before we bind it
         port = free_port()
         log_path = _next_log_path(base, "regproxy")

@@ -83,9 +83,9 @@ def assert_same_layout(image: OciImage, copy_dir: Path) -> None:
 def access_log(server: RegproxyProcess) -> list[dict[str, object]]:
     entries = []
     for line in server.log_path.read_text().splitlines():
-        _, marker, payload = line.partition(" INFO regproxy.access ")
-        if marker:
-            entries.append(json.loads(payload))
+        record = json.loads(line)  # the e2e servers log JSON lines
+        if record["logger"] == "regproxy.access":
+            entries.append(record)
     return entries
 
 

@@ -336,3 +336,61 @@ async def test_racing_claims_have_one_winner(open_store: OpenStore) -> None:
         ] + [stores[1].delete_upload(upload_id, expected=100.0 + round_)]
         results = await asyncio.gather(*claims)
         assert results.count(True) == 1, results
+
+
+# -- operations and the web UI: one bounded query each, the same answers on every backend ----
+
+
+async def test_summaries_of_images_tags_and_repositories(store: MetadataStore) -> None:
+    await store.ping()
+    layer, config = blob("layer", size=1000), blob("config", size=10)
+    for repo in ("hub/library/app", "hosted/app"):
+        await store.add_blob(repo, layer)
+        await store.add_blob(repo, config)
+    image = manifest("image")
+    refs = [Reference(layer.digest, False), Reference(config.digest, False)]
+    unknown = Reference(digest("not pulled"), False)
+    child = ManifestRow(Digest.of(b"child"), MANIFEST, b"child")
+    index = ManifestRow(Digest.of(b'{"manifests":[]}'), INDEX, b'{"manifests":[]}')
+    for repo in ("hub/library/app", "hosted/app"):
+        await store.put_manifest(repo, image, refs, ["v1", "latest"])
+        await store.put_manifest(repo, child, [unknown], [])
+        await store.put_manifest(repo, index, [Reference(child.digest, True)], ["multi"])
+    image_size = len(image.content) + 1010
+    index_size = len(index.content) + len(child.content)
+
+    cached = await store.cached_images("hub")
+    assert [(i.repo, i.tag, i.digest, i.size) for i in cached] == [
+        ("hub/library/app", "latest", image.digest, image_size),
+        ("hub/library/app", "multi", index.digest, index_size),
+        ("hub/library/app", "v1", image.digest, image_size),
+    ]
+    blobs, stored = await store.cache_usage("hub")
+    assert (blobs, stored) == (
+        2,
+        1010 + len(image.content) + len(child.content) + len(index.content),
+    )
+    assert await store.cache_usage("nothing") == (0, 0)
+
+    tags = await store.list_tag_summaries("hosted/app", "", 2)
+    assert [(t.tag, t.digest, t.size, t.missing) for t in tags] == [
+        ("latest", image.digest, image_size, 0),
+        ("multi", index.digest, index_size, 1),
+    ]
+    assert tags[1].index == index.content and tags[0].index is None
+    assert [t.tag for t in await store.list_tag_summaries("hosted/app", "multi", 10)] == ["v1"]
+    assert await store.count_tags("hosted/app") == 3
+    assert await store.tags_of_manifest("hosted/app", image.digest, 10) == ["latest", "v1"]
+    assert await store.tags_of_manifest("hosted/app", image.digest, 1) == ["latest"]
+
+    hosted = await store.list_repository_summaries("", 10, prefixes=["hub"], cached=False)
+    assert [(r.name, r.tags, r.manifests) for r in hosted] == [("hosted/app", 3, 3)]
+    cache = await store.list_repository_summaries("", 10, prefixes=["hub"], cached=True)
+    assert [r.name for r in cache] == ["hub/library/app"]
+    assert await store.list_repository_summaries("", 10, prefixes=[], cached=True) == []
+    everything = await store.list_repository_summaries("", 10, prefixes=[], cached=False)
+    assert [r.name for r in everything] == ["hosted/app", "hub/library/app"]
+
+    assert await store.count_uploads() == 0
+    await store.create_upload(upload("u1", time.time()))
+    assert await store.count_uploads() == 1

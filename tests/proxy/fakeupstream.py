@@ -27,6 +27,9 @@ it behave like the upstreams a cache meets in the wild:
   distribution 2.8 (Debian's docker-registry) does.
 - ``raw_bodies``: path -> bytes to answer a GET of that path with (200, JSON), whatever it
   is (a tag list, a token, referrers): hostile or malformed documents.
+
+- ``headers``: extra headers on every registry answer (e.g. Docker Hub's ``ratelimit-*``);
+  ``gate``: an event every registry request waits for (after being recorded) before answering.
 - ``redirect_to``: answer blob GETs with a 307 to ``<redirect_to>/<digest>``, served by this
   app's own ``/cdn/`` route or by a second server from :func:`cdn_app` (a CDN stand-in).
 """
@@ -125,6 +128,8 @@ class FakeUpstream:
     corrupt: set[str] = field(default_factory=set)
     no_length: set[str] = field(default_factory=set)  # sent chunked, without Content-Length
     redirect_to: yarl.URL | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    gate: asyncio.Event | None = None
     referrers_api: bool = True
     raw_bodies: dict[str, bytes] = field(default_factory=dict)
     tags_page_max: int | None = None
@@ -285,6 +290,8 @@ class FakeUpstream:
             raise ConnectionResetError("the fake upstream is down")
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.gate is not None and request.path != "/token":
+            await self.gate.wait()
         response: web.StreamResponse
         if request.path in self.raw_bodies:
             response = web.Response(
@@ -298,6 +305,8 @@ class FakeUpstream:
             response = _error(self.status, code, "scripted failure", headers)
         else:
             response = self._challenge(request) or await handler(request)
+        if request.path != "/token" and not request.path.startswith("/cdn/"):
+            response.headers.update(self.headers)
         self.statuses[(request.method, request.path, response.status)] += 1
         return response
 

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from regproxy.storage.instrumented import InstrumentedBlobStore
 from regproxy.storage.s3 import S3BlobStore
 from regproxy.tasks import HOSTED
 from tests.conftest import MakeClient
@@ -35,6 +36,8 @@ REPO = "team/app"
 
 def store_of(client: Client) -> S3BlobStore:
     store = app_of(client)[HOSTED].storage
+    if isinstance(store, InstrumentedBlobStore):  # the timing wrapper create_app puts around it
+        store = store.inner
     assert isinstance(store, S3BlobStore)
     return store
 

@@ -8,6 +8,7 @@ import re
 from aiohttp import web
 
 from regproxy import oci
+from regproxy.api.keys import BODY_SENT
 from regproxy.api.request import path_digest, registry, repo_name
 from regproxy.errors import RangeInvalid
 from regproxy.meta.base import BlobRow
@@ -79,11 +80,14 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     # Storage that fails before the first byte (S3 down) still gets an error response.
     first = await anext(chunks, None)
     await response.prepare(request)
+    request[BODY_SENT] = 0  # the access log's byte count if the stream breaks off
     try:
         if first is not None:
             await response.write(first)
+            request[BODY_SENT] += len(first)
         async for chunk in chunks:
             await response.write(chunk)
+            request[BODY_SENT] += len(chunk)
     except Exception:
         # Past prepare() a failure cannot become an error body. Cut the connection so the
         # client sees a broken transfer, never a short body that looks complete.

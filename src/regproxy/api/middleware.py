@@ -12,7 +12,10 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from regproxy import oci
+from regproxy.api.keys import BODY_SENT
 from regproxy.api.request import OCI_NAMESPACE
+from regproxy.api.routes import HANDLER_NAMES
+from regproxy.auth.service import CALLER
 from regproxy.errors import (
     BlobUploadInvalid,
     BlobUploadUnknown,
@@ -25,6 +28,8 @@ from regproxy.errors import (
     TagInvalid,
     Unsupported,
 )
+from regproxy.logs import ACCESS_FIELDS
+from regproxy.metrics import METRICS, PullOutcome, outcome_scope
 
 log = logging.getLogger("regproxy.api")
 
@@ -145,24 +150,110 @@ async def add_common_headers(request: web.Request, response: web.StreamResponse)
         response.headers[oci.OCI_NAMESPACE] = namespace
 
 
+# Request key: what the pull-through cache did for this request (filled in by the cache).
+PULL_OUTCOME = web.RequestKey("pull_outcome", PullOutcome)
+# The request line aiohttp could not parse at all gets this placeholder method.
+_UNPARSED = "UNKNOWN"
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def handler_name(request: web.BaseRequest) -> str:
+    """The route's name (bounded: never the raw path); "unmatched" for 404s and the like."""
+    if not isinstance(request, web.Request):
+        return "unmatched"
+    route = request.match_info.route
+    resource = route.resource
+    if resource is None:
+        return "unmatched"
+    return HANDLER_NAMES.get(resource.canonical) or route.name or resource.canonical
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts the request in flight and gives the pull-through cache a record to fill in."""
+    metrics = request.config_dict.get(METRICS)
+    with outcome_scope() as record:
+        request[PULL_OUTCOME] = record
+        if metrics is None:
+            return await handler(request)
+        gauge = metrics.http_in_flight.labels(handler_name(request))
+        gauge.inc()
+        try:
+            return await handler(request)
+        finally:
+            gauge.dec()
+
+
+def _header_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """The size of the status line and headers as aiohttp serialises them."""
+    version = request.version
+    status_line = f"HTTP/{version.major}.{version.minor} {response.status} {response.reason}\r\n"
+    fields = "".join(f"{name}: {value}\r\n" for name, value in response.headers.items())
+    return len((status_line + fields).encode("utf-8")) + 2
+
+
+def body_bytes_sent(request: web.BaseRequest, response: web.StreamResponse) -> tuple[int, bool]:
+    """(body bytes sent, whether the whole body went out).
+
+    aiohttp's ``body_length`` counts the headers too, is only set once the response ended,
+    and misses what sendfile sent (FileResponse). So: a handler that streams its body itself
+    records what it wrote (``BODY_SENT``); otherwise a completed response with a
+    Content-Length sent exactly that many body bytes (sendfile included), and a completed
+    chunked one its output minus the headers.
+    """
+    streamed = request.get(BODY_SENT)
+    if streamed is not None:
+        expected = response.content_length
+        return streamed, expected is None or streamed == expected
+    completed = response.prepared and response.body_length > 0
+    if not completed:
+        return 0, False
+    if request.method == "HEAD" or response.status in _NO_BODY_STATUSES:
+        return 0, True
+    if response.content_length is not None:
+        return response.content_length, True
+    return max(0, response.body_length - _header_bytes(request, response)), True
+
+
 class AccessLogger(AbstractAccessLogger):
-    """One JSON line per request: method, path, status, bytes, duration."""
+    """One line per request, logged after its last byte: method, path, status, body bytes
+    sent, duration, client, user, route and the pull-through outcome. It also records the
+    HTTP metrics (which need the bytes sendfile sent, known only here)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            json.dumps(
-                {
-                    "method": request.method,
-                    "path": request.path,
-                    "status": response.status,
-                    "bytes": response.body_length,
-                    "duration_ms": round(time * 1000, 3),
-                    "remote": request.remote,
-                },
-                separators=(",", ":"),
-            )
-        )
+        if request.method == _UNPARSED:
+            return  # not a request at all (e.g. a TLS probe): aiohttp.server logs it
+        sent, completed = body_bytes_sent(request, response)
+        name = handler_name(request)
+        outcome = request.get(PULL_OUTCOME) if isinstance(request, web.Request) else None
+        metrics = request.config_dict.get(METRICS) if isinstance(request, web.Request) else None
+        if metrics is not None:
+            metrics.http_requests.labels(request.method, name, str(response.status)).inc()
+            metrics.http_duration.labels(name, request.method).observe(time)
+            metrics.http_response_size.labels(name).observe(sent)
+            metrics.http_request_size.labels(name).observe(request.content.total_bytes)
+            if outcome is not None and response.status < 400:  # error bodies are not pulls
+                metrics.pushed(outcome, sent)
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        caller = request.get(CALLER) if isinstance(request, web.Request) else None
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "bytes": sent,
+            "duration_ms": round(time * 1000, 3),
+            "remote": request.remote,
+            "user": getattr(caller, "user", None),
+            "handler": name,
+            "upstream": (outcome.upstream or None) if outcome is not None else None,
+            "outcome": (outcome.outcome or None) if outcome is not None else None,
+        }
+        if not completed:
+            fields["complete"] = False
+        message = f"{request.method} {request.path} {response.status}"
+        self.logger.info(message, extra={ACCESS_FIELDS: fields})
 
     @property
     def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+        return True  # the HTTP metrics are recorded here even when access lines are off

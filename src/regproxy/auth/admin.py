@@ -18,6 +18,7 @@ from regproxy.auth.users import (
     DEFAULT_ROUNDS,
     MAX_PASSWORD_BYTES,
     HtpasswdError,
+    read_htpasswd,
     remove_user,
     set_user,
 )
@@ -66,4 +67,26 @@ def user_command(
         print(f"regproxy: {exc}", file=out)
         return 1
     print(f"{'added' if new else 'updated'} user {name} in {path}", file=out)
+    return 0
+
+
+def list_users(config: Config, *, file: str | None = None, out: TextIO | None = None) -> int:
+    """Print every user a client can log in as, where it is defined, and its groups."""
+    out = out or sys.stdout
+    path = Path(file) if file else users_path(config)
+    try:
+        in_file = read_htpasswd(path) if path.is_file() else {}
+    except (HtpasswdError, OSError) as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 1
+    groups: dict[str, list[str]] = {}
+    for group, members in sorted(config.auth.groups.items()):
+        for member in members:
+            groups.setdefault(member, []).append(group)
+    for name in sorted({*in_file, *config.auth.users}):
+        source = str(path) if name in in_file else "[auth.users]"
+        member_of = ",".join(groups.get(name, [])) or "-"
+        print(f"{name}\t{source}\tgroups: {member_of}", file=out)
+    if not in_file and not config.auth.users:
+        print(f"no users (none in {path} or [auth.users])", file=sys.stderr)
     return 0

@@ -51,6 +51,7 @@ from regproxy.auth.tokens import (
 from regproxy.auth.users import HtpasswdError, UserStore, fingerprint
 from regproxy.config import Config, ConfigError
 from regproxy.errors import Denied, NameInvalid, TooManyRequests, Unauthorized
+from regproxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class Authenticator:
         self.realm = realm
         # Failures counted for all replicas too, once the metadata store is open (app.py).
         self.shared_limiter: SharedLoginLimiter | None = None
+        # Counts refused logins (registry_auth_login_failures_total); create_app sets it.
+        self.metrics: Metrics | None = None
 
     # -- challenges ------------------------------------------------------------------------
 
@@ -154,6 +157,8 @@ class Authenticator:
             wait = await self.shared_limiter.retry_after(address, user)
         if wait > 0:
             log.warning("login refused: too many failures from %s", address)
+            if self.metrics is not None:
+                self.metrics.login_failed("locked_out")
             raise TooManyRequests(
                 "too many failed logins, try again later",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
@@ -166,6 +171,8 @@ class Authenticator:
         self.limiter.failed(address, user)
         if self.shared_limiter is not None:
             await self.shared_limiter.failed(address, user)
+        if self.metrics is not None:
+            self.metrics.login_failed("password")
         # The name may be a password typed into the wrong field: log it only if it is a user.
         known = await asyncio.to_thread(self.users.hash_of, user) is not None
         log.warning(

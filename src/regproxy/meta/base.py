@@ -59,6 +59,41 @@ class LeaseRow:
     expires: float
 
 
+@dataclass(frozen=True, slots=True)
+class ImageSummary:
+    """A tagged image and the bytes it takes: its manifests and blobs, each counted once."""
+
+    repo: str
+    tag: str
+    digest: Digest
+    media_type: str
+    checked: float  # when the tag was last pushed, fetched or confirmed upstream
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RepositorySummary:
+    """One line of the UI's repository list."""
+
+    name: str
+    tags: int
+    manifests: int
+    updated: float  # when its newest manifest was stored
+
+
+@dataclass(frozen=True, slots=True)
+class TagSummary:
+    """One line of the UI's tag list: the tag, its manifest, and the bytes stored for it."""
+
+    tag: str
+    digest: Digest
+    media_type: str | None  # None: the tag's manifest row is missing
+    updated: float  # when the tag was last pushed, fetched or confirmed upstream
+    size: int  # its manifests' bytes and the stored blobs' sizes, each counted once
+    missing: int  # references (blobs, child manifests) not stored here (not pulled yet)
+    index: bytes | None  # an index's content (for its platforms); None for other kinds
+
+
 class MetadataStore(Protocol):
     # blobs
     async def get_blob(self, digest: Digest) -> BlobRow | None: ...
@@ -167,3 +202,35 @@ class MetadataStore(Protocol):
     async def clear_login_failures(self, key: str) -> None: ...
 
     async def close(self) -> None: ...
+
+    # operations (metrics, readiness, `regproxy cache ls`)
+    async def ping(self) -> None:
+        """Answer a trivial query (readiness)."""
+        ...
+
+    async def cache_usage(self, prefix: str) -> tuple[int, int]:
+        """(blobs, bytes) stored for repositories under ``prefix/``: each blob once, plus the
+        manifests' bytes."""
+        ...
+
+    async def count_uploads(self) -> int: ...
+
+    async def cached_images(self, prefix: str) -> list[ImageSummary]:
+        """Every tag of the repositories under ``prefix/`` ("" for all), with its size."""
+        ...
+
+    # the web UI: each a bounded number of queries, however many rows there are
+    async def list_repository_summaries(
+        self, last: str, limit: int, *, prefixes: Sequence[str], cached: bool
+    ) -> list[RepositorySummary]:
+        """Repositories after ``last`` by name: those under any of ``prefixes/`` (the upstream
+        caches) if ``cached``, else the others (hosted). One query."""
+        ...
+
+    async def list_tag_summaries(self, repo: str, last: str, limit: int) -> list[TagSummary]:
+        """Tags after ``last`` by name with digests and sizes. One query."""
+        ...
+
+    async def count_tags(self, repo: str) -> int: ...
+
+    async def tags_of_manifest(self, repo: str, digest: Digest, limit: int) -> list[str]: ...

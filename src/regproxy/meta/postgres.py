@@ -25,8 +25,18 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from regproxy import oci
 from regproxy.errors import Unavailable
-from regproxy.meta.base import BlobRow, LeaseRow, ManifestRow, Reference, UploadRow
+from regproxy.meta.base import (
+    BlobRow,
+    ImageSummary,
+    LeaseRow,
+    ManifestRow,
+    Reference,
+    RepositorySummary,
+    TagSummary,
+    UploadRow,
+)
 from regproxy.oci import Digest
 
 log = logging.getLogger(__name__)
@@ -601,3 +611,144 @@ class PostgresMetadataStore:
             await db.execute("DELETE FROM login_failures WHERE key = $1", key)
 
         await self._transaction(work)
+
+    # -- operations: metrics, readiness, `regproxy cache ls` ----------------------------------
+
+    async def ping(self) -> None:
+        await self._one("SELECT 1")
+
+    async def cache_usage(self, prefix: str) -> tuple[int, int]:
+        low, high = _prefix_range(prefix)
+        row = await self._one(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs WHERE digest IN"
+            " (SELECT digest FROM repository_blobs WHERE repo >= $1 AND repo < $2)",
+            low,
+            high,
+        )
+        manifests = await self._one(
+            "SELECT COALESCE(SUM(octet_length(content)), 0) FROM manifests"
+            " WHERE repo >= $1 AND repo < $2",
+            low,
+            high,
+        )
+        return int(row[0]), int(row[1]) + int(manifests[0])
+
+    async def count_uploads(self) -> int:
+        row = await self._one("SELECT COUNT(*) FROM uploads")
+        return int(row[0])
+
+    async def cached_images(self, prefix: str) -> list[ImageSummary]:
+        low, high = _prefix_range(prefix)
+        rows = await self._all(
+            "WITH RECURSIVE reach(root_repo, root_tag, repo, digest) AS ("
+            "  SELECT repo, tag, repo, digest FROM tags WHERE repo >= $1 AND repo < $2"
+            "  UNION"
+            "  SELECT reach.root_repo, reach.root_tag, r.repo, r.child FROM reach"
+            "  JOIN manifest_references r ON r.repo = reach.repo AND r.digest = reach.digest"
+            "  AND r.is_manifest"
+            ")"
+            " SELECT t.repo, t.tag, t.digest, m.media_type, t.updated,"
+            "  (SELECT COALESCE(SUM(octet_length(mm.content)), 0) FROM manifests mm"
+            "   WHERE EXISTS (SELECT 1 FROM reach x WHERE x.root_repo = t.repo"
+            "    AND x.root_tag = t.tag AND x.repo = mm.repo AND x.digest = mm.digest))"
+            "  + (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.digest IN"
+            "   (SELECT r.child FROM reach x JOIN manifest_references r"
+            "    ON r.repo = x.repo AND r.digest = x.digest AND NOT r.is_manifest"
+            "    WHERE x.root_repo = t.repo AND x.root_tag = t.tag))"
+            " FROM tags t JOIN manifests m ON m.repo = t.repo AND m.digest = t.digest"
+            " WHERE t.repo >= $1 AND t.repo < $2 ORDER BY t.repo, t.tag",
+            low,
+            high,
+        )
+        return [
+            ImageSummary(repo, tag, Digest.parse(digest), media_type, float(updated), int(size))
+            for repo, tag, digest, media_type, updated, size in rows
+        ]
+
+    # -- the web UI ---------------------------------------------------------------------------
+
+    async def list_repository_summaries(
+        self, last: str, limit: int, *, prefixes: Sequence[str], cached: bool
+    ) -> list[RepositorySummary]:
+        if cached and not prefixes:
+            return []
+        bounds = [bound for prefix in prefixes for bound in _prefix_range(prefix)]
+        under = (
+            " OR ".join(
+                f"(m.repo >= ${i + 3} AND m.repo < ${i + 4})" for i in range(0, len(bounds), 2)
+            )
+            or "FALSE"
+        )
+        where = f"({under})" if cached else f"NOT ({under})"
+        rows = await self._all(
+            "SELECT m.repo, (SELECT COUNT(*) FROM tags t WHERE t.repo = m.repo),"
+            " COUNT(*), MAX(m.created) FROM manifests m"
+            f" WHERE m.repo > $1 AND {where} GROUP BY m.repo ORDER BY m.repo LIMIT $2",
+            last,
+            limit,
+            *bounds,
+        )
+        return [
+            RepositorySummary(name, int(tags), int(n), float(updated))
+            for name, tags, n, updated in rows
+        ]
+
+    async def list_tag_summaries(self, repo: str, last: str, limit: int) -> list[TagSummary]:
+        # As in sqlite.py: each tagged manifest of the page and everything under it, once.
+        rows = await self._all(
+            "WITH RECURSIVE page(tag, digest, updated) AS ("
+            "  SELECT tag, digest, updated FROM tags WHERE repo = $1 AND tag > $2"
+            "  ORDER BY tag LIMIT $3"
+            "), reach(root, node, is_manifest) AS ("
+            "  SELECT DISTINCT digest, digest, TRUE FROM page"
+            "  UNION"
+            "  SELECT reach.root, r.child, r.is_manifest FROM reach JOIN manifest_references r"
+            "  ON r.repo = $1 AND r.digest = reach.node AND reach.is_manifest"
+            "), sizes(root, bytes, missing) AS ("
+            "  SELECT x.root, SUM(COALESCE(octet_length(m.content), b.size, 0)),"
+            "   SUM(CASE WHEN m.digest IS NULL AND b.digest IS NULL THEN 1 ELSE 0 END)"
+            "  FROM reach x LEFT JOIN manifests m ON m.repo = $1 AND m.digest = x.node"
+            "  LEFT JOIN blobs b ON m.digest IS NULL AND b.digest = x.node GROUP BY x.root"
+            ")"
+            " SELECT p.tag, p.digest, p.updated, m.media_type, COALESCE(s.bytes, 0),"
+            "  COALESCE(s.missing, 0), CASE WHEN m.media_type = ANY($4::text[])"
+            "  THEN m.content END"
+            " FROM page p LEFT JOIN manifests m ON m.repo = $1 AND m.digest = p.digest"
+            " LEFT JOIN sizes s ON s.root = p.digest ORDER BY p.tag",
+            repo,
+            last,
+            limit,
+            sorted(oci.INDEX_TYPES),
+        )
+        return [
+            TagSummary(
+                tag,
+                Digest.parse(digest),
+                media_type,
+                float(updated),
+                int(size),
+                int(missing),
+                bytes(index) if index is not None else None,
+            )
+            for tag, digest, updated, media_type, size, missing, index in rows
+        ]
+
+    async def count_tags(self, repo: str) -> int:
+        row = await self._one("SELECT COUNT(*) FROM tags WHERE repo = $1", repo)
+        return int(row[0])
+
+    async def tags_of_manifest(self, repo: str, digest: Digest, limit: int) -> list[str]:
+        rows = await self._all(
+            "SELECT tag FROM tags WHERE repo = $1 AND digest = $2 ORDER BY tag LIMIT $3",
+            repo,
+            str(digest),
+            limit,
+        )
+        return [row[0] for row in rows]
+
+
+def _prefix_range(prefix: str) -> tuple[str, str]:
+    """Repository names under ``prefix/`` (all of them for ""), as a key range (C collation)."""
+    if not prefix:
+        return "", "\U0010ffff"
+    return f"{prefix}/", f"{prefix}0"  # "0" sorts right after "/"

@@ -15,15 +15,18 @@ exactly like pushed ones.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import aiohttp
+from aiohttp import web
 
 from regproxy import oci
 from regproxy.cluster import Cluster
@@ -43,6 +46,7 @@ from regproxy.errors import (
     Unavailable,
 )
 from regproxy.meta.base import BlobRow, LeaseRow, ManifestRow, UploadRow
+from regproxy.metrics import BYPASS, HIT, JOINED, MISS, STALE, Metrics
 from regproxy.oci import Digest
 from regproxy.proxy.auth import TokenError
 from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone, reconcile_spool
@@ -70,6 +74,32 @@ _CONTENT_RANGE_RE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+)")
 T = TypeVar("T")
 
 
+def describe_error(exc: BaseException) -> str:
+    """An upstream failure in a few words: the status, the errno, or the exception's kind."""
+    if isinstance(exc, UpstreamStatus):
+        retry = f", Retry-After {exc.retry_after}" if exc.retry_after else ""
+        return f"answered {exc.status}{retry}"
+    if isinstance(exc, TokenError):
+        return f"token service: {str(exc)[:160]}"
+    if isinstance(exc, RegistryError):
+        return f"{exc.code}: {exc.message[:160]}"
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        cause = exc.os_error
+        name = errno.errorcode.get(cause.errno or 0, "") if cause.errno else ""
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        return f"cannot connect: {name + ' ' if name else ''}{reason}".strip()
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the connection closed before an answer"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the body broke off mid-transfer"
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)} {exc.strerror or ''}".strip()
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def upstream_error(exc: BaseException, what: str) -> RegistryError:
     """The spec's error for an upstream failure when nothing cached can stand in."""
     if isinstance(exc, RegistryError):
@@ -92,6 +122,16 @@ def upstream_error(exc: BaseException, what: str) -> RegistryError:
     return Unavailable(f"the upstream could not be reached for {what}")
 
 
+@dataclass(frozen=True, slots=True)
+class FillProgress:
+    """One blob fetch from upstream in progress: which repositories wait, how far it got."""
+
+    digest: Digest
+    repos: tuple[str, ...]
+    written: int
+    size: int | None  # None until the upstream said
+
+
 class PullThroughRegistry:
     def __init__(
         self,
@@ -99,9 +139,12 @@ class PullThroughRegistry:
         upstreams: dict[str, Upstream],
         spool_dir: Path,
         manifest_max_bytes: int,
+        *,
+        metrics: Metrics | None = None,
         cluster: Cluster | None = None,
     ) -> None:
         self.hosted = hosted
+        self.metrics = metrics if metrics is not None else Metrics()
         self.cluster = cluster
         self._claims: dict[str, asyncio.Task[Fill | LeaseRow | BlobRow]] = {}
         self.meta = hosted.meta
@@ -175,32 +218,41 @@ class PullThroughRegistry:
         ):
             return BlobRow(digest, fill.size.result(), FILLING)
         upstream, remote = self.split(repo)
+        self._check_blob_miss(upstream, repo, digest)
         try:
             size = await upstream.head_blob(remote, digest)
         except _UPSTREAM_ERRORS as exc:
-            raise _blob_error(exc, digest) from exc
+            raise self._remember_blob_miss(
+                upstream, repo, digest, _blob_error(exc, digest)
+            ) from exc
         if size is None:
-            raise BlobUnknown(detail={"digest": str(digest)})
+            unknown = BlobUnknown(detail={"digest": str(digest)})
+            raise self._remember_blob_miss(upstream, repo, digest, unknown)
         return BlobRow(digest, size, FILLING)
 
     async def get_blob(self, repo: str, digest: Digest) -> BlobRow:
         blob = await self.meta.get_repo_blob(repo, digest)
         if blob is not None:
+            self._outcome(repo, "blob", HIT)
             return blob
         upstream, remote = self.split(repo)
         fill = self._fills.get(str(digest))
         if fill is None:
+            self._check_blob_miss(upstream, repo, digest)
             known = await self.meta.get_blob(digest)
             if known is not None and await self._upstream_has(upstream, remote, digest):
                 # Stored already (another repository, or pushed): no need to fetch it again.
                 await self.meta.link_blob(repo, digest)
+                self._outcome(repo, "blob", HIT)
                 return known
+            existing = self._fills.get(str(digest))
             claimed = await self._fill_or_lease(upstream, remote, repo, digest)
             if isinstance(claimed, LeaseRow):
                 # Filled elsewhere, maybe for another repository: only if the upstream has
                 # the blob here too.
                 if not await self._upstream_has(upstream, remote, digest):
                     raise BlobUnknown(detail={"digest": str(digest)})
+                self._outcome(repo, "blob", JOINED)
                 return await self._followed(repo, digest, claimed)
             if isinstance(claimed, BlobRow):  # stored: for this repository only if upstream has it
                 try:
@@ -210,17 +262,48 @@ class PullThroughRegistry:
                 if size is None:
                     raise BlobUnknown(detail={"digest": str(digest)})
                 await self.meta.link_blob(repo, digest)
+                self._outcome(repo, "blob", HIT)
                 return claimed
             fill = claimed
+            self._outcome(repo, "blob", JOINED if fill is existing else MISS)
         elif repo not in fill.repos and not await self._upstream_has(upstream, remote, digest):
             # A fill for another repository: only if the upstream has the blob here too.
             raise BlobUnknown(detail={"digest": str(digest)})
+        else:
+            self._outcome(repo, "blob", JOINED)
         fill.repos.add(repo)
         try:
             size = await asyncio.shield(fill.size)
         except FillFailed as exc:
-            raise _blob_error(fill.error or exc, digest) from exc
+            error = _blob_error(fill.error or exc, digest)
+            raise self._remember_blob_miss(upstream, repo, digest, error) from exc
         return BlobRow(digest, size, FILLING)
+
+    def _check_blob_miss(self, upstream: Upstream, repo: str, digest: Digest) -> None:
+        """BLOB_UNKNOWN without asking the upstream, if it said 404 for it moments ago."""
+        if upstream.negative.hit(("blob", repo, str(digest)), upstream.clock()):
+            raise BlobUnknown("not found upstream moments ago", detail={"digest": str(digest)})
+
+    def _remember_blob_miss(
+        self, upstream: Upstream, repo: str, digest: Digest, error: RegistryError
+    ) -> RegistryError:
+        """``error``, after noting an upstream 404 (BLOB_UNKNOWN) in the negative cache."""
+        if isinstance(error, BlobUnknown):
+            upstream.negative.add(("blob", repo, str(digest)), upstream.clock())
+        return error
+
+    def fills_in_progress(self) -> list[FillProgress]:
+        """The blob fetches from upstream running in this process, for the UI."""
+        return [
+            FillProgress(
+                fill.digest,
+                tuple(sorted(fill.repos)),
+                fill.written,
+                fill.size.result() if fill.size.done() and not fill.size.exception() else None,
+            )
+            for fill in list(self._fills.values())
+            if not fill.done
+        ]
 
     def blob_path(self, blob: BlobRow) -> Path | None:
         return None if in_flight(blob) else self.hosted.blob_path(blob)
@@ -479,21 +562,33 @@ class PullThroughRegistry:
                 with suppress(BlobUploadUnknown):  # a digest mismatch already removed it
                     await self.hosted.cancel_upload(repo, upload.id)
                 raise
+            # Before clients finish; what an earlier fill spooled was counted by that fill.
+            self.metrics.pulled(upstream.name, "blob", fill.written - fill.resumed)
             fill.set_size(fill.written)
             for other in fill.repos - {repo}:
                 await self.meta.link_blob(other, digest)
 
         async def run() -> None:
             started = time.monotonic()
+            fills = self.metrics.fills.labels(upstream.name)
+            fills.inc()
             try:
                 await fill.run(fetch, _resumable)
             finally:
+                fills.dec()
                 if self._fills.get(str(digest)) is fill:
                     del self._fills[str(digest)]
                 if held is not None:  # after the blob row is committed
                     await held.release()
             if fill.error is not None:
-                log.warning("upstream fetch of %s from %s failed: %r", digest, remote, fill.error)
+                self.metrics.pulled(upstream.name, "blob", fill.written - fill.resumed)  # discarded
+                log.warning(
+                    "upstream %s: fetching blob %s of %s failed: %s",
+                    upstream.host,
+                    digest,
+                    remote,
+                    describe_error(fill.error),
+                )
             else:
                 elapsed = time.monotonic() - started
                 log.info(
@@ -590,29 +685,54 @@ class PullThroughRegistry:
         if isinstance(wanted, Digest):
             cached = await self.meta.get_manifest(repo, wanted)
             if cached is not None:
+                self._outcome(repo, "manifest", HIT)
                 return cached
-            return await self._flight(
-                repo, reference, lambda: self._fetch_manifest(upstream, remote, repo, reference)
+            return await self._fetch_remembering_misses(
+                upstream,
+                repo,
+                reference,
+                lambda: self._fetch_manifest(upstream, remote, repo, reference),
             )
         tag = wanted
         cached = await self.meta.get_tagged_manifest(repo, tag)
         if cached is None:
-            return await self._flight(
-                repo, tag, lambda: self._fetch_manifest(upstream, remote, repo, tag)
+            return await self._fetch_remembering_misses(
+                upstream, repo, tag, lambda: self._fetch_manifest(upstream, remote, repo, tag)
             )
-        checked = await self.meta.tag_checked(repo, tag)
-        if checked is not None and time.time() - checked < upstream.config.tag_ttl:
+        ttl = upstream.config.ttl_for(tag)
+        if ttl is None:  # a tag rule says "forever"
+            self._outcome(repo, "manifest", HIT)
             return cached
-        if self.cluster is None:
-            return await self._flight(
-                repo, tag, lambda: self._revalidate(upstream, remote, repo, tag, cached)
+        checked = await self.meta.tag_checked(repo, tag)
+        if checked is not None and time.time() - checked < ttl:
+            self._outcome(repo, "manifest", HIT)
+            return cached
+        if upstream.rate_limited():
+            return self._serve_stale(
+                upstream, repo, tag, cached, "the upstream's rate limit is used up"
             )
-        return await self._flight(
-            repo, tag, lambda: self._revalidate_once(upstream, remote, repo, tag, cached)
-        )
+        if self.cluster is None:
+            revalidate = lambda: self._revalidate(upstream, remote, repo, tag, cached)  # noqa: E731
+        else:  # once for all processes sharing the metadata store
+            revalidate = lambda: self._revalidate_once(  # noqa: E731
+                upstream, remote, repo, tag, cached, ttl
+            )
+        if upstream.config.stale_while_revalidate:
+            self._start_flight(repo, tag, revalidate)
+            return self._serve_stale(upstream, repo, tag, cached, "revalidating in the background")
+        joined = (repo, tag) in self._flights
+        got = await self._flight(repo, tag, revalidate)
+        if joined:
+            self._outcome(repo, "manifest", JOINED)
+        elif got.digest != cached.digest:
+            self._outcome(repo, "manifest", MISS)
+        else:  # confirmed upstream (checked again), or served because the upstream failed
+            confirmed = await self.meta.tag_checked(repo, tag) != checked
+            self._outcome(repo, "manifest", HIT if confirmed else STALE)
+        return got
 
     async def _revalidate_once(
-        self, upstream: Upstream, remote: str, repo: str, tag: str, cached: ManifestRow
+        self, upstream: Upstream, remote: str, repo: str, tag: str, cached: ManifestRow, ttl: float
     ) -> ManifestRow:
         """One revalidation per tag at a time in the whole cluster: while another process
         holds the tag's lease, the cached copy is served."""
@@ -624,24 +744,65 @@ class PullThroughRegistry:
             return cached
         try:
             checked = await self.meta.tag_checked(repo, tag)
-            if checked is not None and time.time() - checked < upstream.config.tag_ttl:
+            if checked is not None and time.time() - checked < ttl:
                 fresh = await self.meta.get_tagged_manifest(repo, tag)  # done by another
                 return fresh if fresh is not None else cached
             return await self._revalidate(upstream, remote, repo, tag, cached)
         finally:
             await leases.release(key)
 
-    async def _flight(
-        self, repo: str, reference: str, fetch: Callable[[], Awaitable[ManifestRow]]
+    async def _fetch_remembering_misses(
+        self,
+        upstream: Upstream,
+        repo: str,
+        reference: str,
+        fetch: Callable[[], Awaitable[ManifestRow]],
     ) -> ManifestRow:
-        """One upstream round trip per (repository, reference) at a time."""
+        """Fetch an uncached manifest, answering a recent upstream 404 without asking again."""
+        key = ("manifest", repo, reference)
+        if upstream.negative.hit(key, upstream.clock()):
+            raise ManifestUnknown(
+                f"{repo}:{reference} was not found upstream moments ago",
+                detail={"reference": reference},
+            )
+        self._outcome(repo, "manifest", JOINED if (repo, reference) in self._flights else MISS)
+        try:
+            return await self._flight(repo, reference, fetch)
+        except ManifestUnknown:
+            upstream.negative.add(key, upstream.clock())
+            raise
+
+    def _serve_stale(
+        self, upstream: Upstream, repo: str, tag: str, cached: ManifestRow, why: str
+    ) -> ManifestRow:
+        """A tag past its TTL answered from the cache without waiting for the upstream."""
+        self._outcome(repo, "manifest", STALE)
+        log.debug("serving cached %s:%s past its TTL: %s", repo, tag, why)
+        return cached
+
+    def _start_flight(
+        self, repo: str, reference: str, fetch: Callable[[], Awaitable[ManifestRow]]
+    ) -> asyncio.Future[ManifestRow]:
+        """The upstream round trip for (repository, reference): the one in flight, or a new one."""
         key = (repo, reference)
         flight = self._flights.get(key)
         if flight is None:
             flight = self._spawn(fetch())
             self._flights[key] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(key, None))
-        return await asyncio.shield(flight)
+
+            def done(finished: asyncio.Future[ManifestRow]) -> None:
+                self._flights.pop(key, None)
+                if not finished.cancelled():
+                    finished.exception()  # retrieved: a background flight may have no waiter
+
+            flight.add_done_callback(done)
+        return flight
+
+    async def _flight(
+        self, repo: str, reference: str, fetch: Callable[[], Awaitable[ManifestRow]]
+    ) -> ManifestRow:
+        """One upstream round trip per (repository, reference) at a time."""
+        return await asyncio.shield(self._start_flight(repo, reference, fetch))
 
     async def _revalidate(
         self, upstream: Upstream, remote: str, repo: str, tag: str, cached: ManifestRow
@@ -652,9 +813,11 @@ class PullThroughRegistry:
                 await self.meta.put_manifest(repo, cached, (), [tag])  # confirmed: fresh again
                 return cached
             return await self._fetch_manifest(upstream, remote, repo, tag)
-        except UpstreamStatus as exc:
-            if exc.status == 404:
+        except (UpstreamStatus, ManifestUnknown) as exc:
+            if isinstance(exc, ManifestUnknown) or exc.status == 404:
+                # Gone upstream (the HEAD's 404, or the GET's after a HEAD without a digest).
                 await self.meta.delete_tag(repo, tag)
+                upstream.negative.add(("manifest", repo, tag), upstream.clock())
                 raise ManifestUnknown(f"{remote}:{tag} no longer exists upstream") from exc
             self._warn_stale(repo, tag, exc)
         except (*_UPSTREAM_ERRORS, Unavailable, TooManyRequests) as exc:
@@ -662,7 +825,18 @@ class PullThroughRegistry:
         return cached
 
     def _warn_stale(self, repo: str, tag: str, exc: BaseException) -> None:
-        log.warning("serving cached %s:%s, the upstream failed to revalidate: %r", repo, tag, exc)
+        upstream, _ = self.split(repo)
+        log.warning(
+            "upstream %s: revalidating %s:%s failed: %s; serving cached copy",
+            upstream.host,
+            repo,
+            tag,
+            describe_error(exc),
+        )
+
+    def _outcome(self, repo: str, kind: str, outcome: str) -> None:
+        """Count a pull of ``repo`` (on the request's own path) and tell its access line."""
+        self.metrics.note_outcome(repo.partition("/")[0], kind, outcome)
 
     async def _fetch_manifest(
         self, upstream: Upstream, remote: str, repo: str, reference: str
@@ -672,8 +846,21 @@ class PullThroughRegistry:
             got = await upstream.get_manifest(remote, reference, self.manifest_max_bytes)
         except UpstreamStatus as exc:
             # A tag we cannot see upstream (404) or may not see (401/403) is unknown here too.
+            if exc.status != 404:
+                log.warning(
+                    "upstream %s: fetching manifest %s failed: %s",
+                    upstream.host,
+                    what,
+                    describe_error(exc),
+                )
             raise upstream_error(exc, what) from exc
         except _UPSTREAM_ERRORS as exc:
+            log.warning(
+                "upstream %s: fetching manifest %s failed: %s",
+                upstream.host,
+                what,
+                describe_error(exc),
+            )
             raise upstream_error(exc, what) from exc
         if got is None:
             raise ManifestUnknown(f"{what} is not known upstream", detail={"reference": reference})
@@ -695,6 +882,7 @@ class PullThroughRegistry:
             raise Unavailable(
                 f"the upstream sent an unusable manifest for {what}: {exc.message}"
             ) from exc
+        self.metrics.pulled(upstream.name, "manifest", len(got.content))
         manifest = ManifestRow(
             digest, parsed.media_type, got.content, parsed.subject, parsed.artifact_type
         )
@@ -708,8 +896,15 @@ class PullThroughRegistry:
         try:
             tags = await upstream.list_tags(remote, last, limit)
         except _UPSTREAM_ERRORS as exc:
-            log.warning("serving cached tags of %s, the upstream failed: %r", repo, exc)
+            log.warning(
+                "upstream %s: listing the tags of %s failed: %s; serving cached tags",
+                upstream.host,
+                remote,
+                describe_error(exc),
+            )
+            self._outcome(repo, "tags", STALE)
             return await self.hosted.list_tags(repo, last, limit)
+        self._outcome(repo, "tags", BYPASS)
         if tags is None:
             raise NameUnknown(detail={"name": repo})
         # Some upstreams (distribution 2.8) ignore n and last and send every tag unsorted.
@@ -722,8 +917,14 @@ class PullThroughRegistry:
         try:
             found = await upstream.referrers(remote, subject, artifact_type)
         except _UPSTREAM_ERRORS as exc:
-            log.warning("serving cached referrers in %s, the upstream failed: %r", repo, exc)
+            log.warning(
+                "upstream %s: listing referrers in %s failed: %s; serving cached referrers",
+                upstream.host,
+                remote,
+                describe_error(exc),
+            )
             found = None
+        self._outcome(repo, "referrers", BYPASS if found is not None else STALE)
         if found is None:
             return await self.hosted.referrers(repo, subject, artifact_type)
         return found
@@ -874,3 +1075,6 @@ def _blob_error(exc: BaseException, digest: Digest) -> RegistryError:
         # Storing the upstream's bytes failed (e.g. DIGEST_INVALID): not the client's fault.
         return Unavailable(f"the upstream's blob {digest} could not be cached: {exc.message}")
     return upstream_error(exc, f"blob {digest}")
+
+
+PULL_THROUGH = web.AppKey("pull_through", PullThroughRegistry)

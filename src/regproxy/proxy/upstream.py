@@ -7,7 +7,9 @@ client's request, credentials least of all, is ever forwarded.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +19,12 @@ import yarl
 
 from regproxy import oci, safejson
 from regproxy.config import UpstreamConfig
+from regproxy.metrics import Metrics
 from regproxy.oci import Digest
 from regproxy.proxy.auth import UpstreamAuth
+from regproxy.proxy.freshness import NegativeCache, RateLimit
+
+log = logging.getLogger(__name__)
 
 MANIFEST_ACCEPT = ", ".join(
     (oci.OCI_INDEX, oci.OCI_MANIFEST, oci.DOCKER_MANIFEST_LIST, oci.DOCKER_MANIFEST)
@@ -49,6 +55,13 @@ class UpstreamInvalid(UpstreamStatus):
         self.args = (message,)
 
 
+class UpstreamRateLimited(UpstreamStatus):
+    """Not sent: the upstream said its rate limit is used up until ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: str) -> None:
+        super().__init__(429, retry_after)
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamManifest:
     media_type: str
@@ -61,14 +74,26 @@ def _is_docker_hub(name: str, url: yarl.URL) -> bool:
 
 
 class Upstream:
-    def __init__(self, name: str, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.name = name
+        self.metrics = metrics if metrics is not None else Metrics()
         self.config = config
         self.base = yarl.URL(config.url.rstrip("/"))
         self._session = session
         self.auth = UpstreamAuth(session, config.username, config.password)
         official = config.official_library
         self._official = _is_docker_hub(name, self.base) if official is None else official
+        # Wall-clock time for the rate-limit window and the negative cache (tests move it).
+        self.clock: Callable[[], float] = time.time
+        self.rate_limit = RateLimit()
+        self.negative = NegativeCache(config.negative_ttl)
 
     @property
     def host(self) -> str:
@@ -95,12 +120,20 @@ class Upstream:
         """Send one request, answering an auth challenge once; yields the response."""
         url = self.base.with_path(self.base.path.rstrip("/") + path, encoded=False)
         scope = f"repository:{repo}:pull"
+        blob = "/blobs/" in path
         for attempt in (1, 2):
+            self._check_rate_limit(blob)
             sent = dict(headers or {})
             authorization = self.auth.header(scope)
             if authorization:
                 sent["Authorization"] = authorization
-            response = await self._session.request(method, url, params=params, headers=sent)
+            try:
+                response = await self._session.request(method, url, params=params, headers=sent)
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                self.metrics.upstream_request(self.name, method, "error")
+                raise
+            self.metrics.upstream_request(self.name, method, response.status)
+            self._observe(response)
             if response.status == 401 and attempt == 1:
                 challenge = response.headers.get("WWW-Authenticate", "")
                 response.release()
@@ -112,6 +145,30 @@ class Upstream:
             finally:
                 response.release()
             return
+
+    def _check_rate_limit(self, blob: bool) -> None:
+        """Refuse to send while the upstream's rate limit is used up (no request is made)."""
+        now = self.clock()
+        if self.rate_limit.blocked_for(now, blob=blob) > 0:
+            self.metrics.ratelimited_locally(self.name)
+            raise UpstreamRateLimited(self.rate_limit.retry_after(now, blob=blob))
+
+    def _observe(self, response: aiohttp.ClientResponse) -> None:
+        """Take in the upstream's rate-limit headers (and 429s) from every answer."""
+        now = self.clock()
+        was_blocked = self.rate_limit.blocked_for(now) > 0
+        if self.rate_limit.observe(response.status, response.headers, now):
+            self.metrics.set_rate_limit(self.name, self.rate_limit.remaining, self.rate_limit.limit)
+        if not was_blocked and self.rate_limit.blocked_for(now) > 0:
+            log.warning(
+                "upstream %s: rate limit reached, no requests to it for %ss",
+                self.name,
+                self.rate_limit.retry_after(now),
+            )
+
+    def rate_limited(self) -> bool:
+        """Whether requests to this upstream are on hold now."""
+        return self.rate_limit.blocked_for(self.clock()) > 0
 
     async def get_manifest(self, repo: str, reference: str, limit: int) -> UpstreamManifest | None:
         path = f"/v2/{repo}/manifests/{reference}"

@@ -1,0 +1,120 @@
+"""Log output: readable text lines by default, one JSON object per line with ``log_format =
+"json"``, for access and application lines alike.
+
+An access line is logged with its fields in ``extra={"access": {...}}``: the text format
+shows them as ``key=value`` pairs after the message, the JSON format merges them into the
+object. Client TLS probes on the plain-HTTP port (skopeo and podman try https first) become
+one debug line instead of an error with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, Final, TextIO
+
+ACCESS_FIELDS: Final = "access"
+# Access fields the text format leaves out: the message ("GET /v2/... 200") has them.
+_IN_ACCESS_MESSAGE: Final = frozenset({"method", "path", "status"})
+# How aiohttp's HTTP parsers (C and Python) report a request starting with a TLS record.
+_TLS_MARKER: Final = "HTTPS traffic on an HTTP port"
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, access fields, exception;
+    with ``with_pid`` (several workers) also the process id."""
+
+    def __init__(self, with_pid: bool = False) -> None:
+        super().__init__()
+        self.with_pid = with_pid
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self.with_pid:
+            doc["pid"] = record.process
+        fields = getattr(record, ACCESS_FIELDS, None)
+        if isinstance(fields, dict):
+            doc.update(fields)
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, separators=(",", ":"), default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``time [pid] level logger message key=value ...`` (the pid with ``with_pid``: several
+    workers); tracebacks follow on their own lines."""
+
+    def __init__(self, with_pid: bool = False) -> None:
+        super().__init__()
+        self.with_pid = with_pid
+
+    def format(self, record: logging.LogRecord) -> str:
+        pid = f" [{record.process}]" if self.with_pid else ""
+        line = f"{_timestamp(record)}{pid} {record.levelname} {record.name} {record.getMessage()}"
+        fields = getattr(record, ACCESS_FIELDS, None)
+        if isinstance(fields, dict):
+            extra = " ".join(
+                f"{key}={_text(value)}"
+                for key, value in fields.items()
+                if value not in (None, "") and key not in _IN_ACCESS_MESSAGE
+            )
+            if extra:
+                line = f"{line} {extra}"
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        return line
+
+
+def _text(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if not text or any(c in text for c in ' "=\n') else text
+
+
+class TlsProbeFilter(logging.Filter):
+    """Turns aiohttp's error for a TLS ClientHello on the plain-HTTP port into one debug line.
+
+    Installed on the ``aiohttp.server`` logger. Other unparseable requests pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or type(exc).__name__ != "BadHttpMethod":
+            return True
+        if _TLS_MARKER not in str(exc):
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+        record.msg = "TLS handshake from %s on the plain-HTTP port ignored (client probing https)"
+        record.args = (remote,)
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def configure_logging(
+    level: str, log_format: str, stream: TextIO | None = None, *, with_pid: bool = False
+) -> None:
+    """Send every logger's records to ``stream`` (stderr) in ``log_format``."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    formatter = JsonFormatter if log_format == "json" else TextFormatter
+    handler.setFormatter(formatter(with_pid))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, TlsProbeFilter) for f in server.filters):
+        server.addFilter(TlsProbeFilter())
