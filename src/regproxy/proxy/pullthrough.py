@@ -246,6 +246,8 @@ class PullThroughRegistry:
                 self._outcome(repo, "blob", HIT)
                 return known
             existing = self._fills.get(str(digest))
+            # The one request that starts the claim is the miss; the others joined it.
+            first = existing is None and str(digest) not in self._claims
             claimed = await self._fill_or_lease(upstream, remote, repo, digest)
             if isinstance(claimed, LeaseRow):
                 # Filled elsewhere, maybe for another repository: only if the upstream has
@@ -265,7 +267,7 @@ class PullThroughRegistry:
                 self._outcome(repo, "blob", HIT)
                 return claimed
             fill = claimed
-            self._outcome(repo, "blob", JOINED if fill is existing else MISS)
+            self._outcome(repo, "blob", MISS if first and fill is not existing else JOINED)
         elif repo not in fill.repos and not await self._upstream_has(upstream, remote, digest):
             # A fill for another repository: only if the upstream has the blob here too.
             raise BlobUnknown(detail={"digest": str(digest)})
