@@ -357,3 +357,30 @@ def test_gc_defaults_and_environment(tmp_path: Path) -> None:
     path = _write(tmp_path, '[gc]\ninterval = 0\nuntagged = "delete"\n')
     config = load_config(path, env={"REGPROXY_GC_GRACE": "60"})
     assert (config.gc.interval, config.gc.grace, config.gc.untagged) == (0.0, 60.0, "delete")
+
+
+SECRET = "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[cluster]\nadvertise_url = "10.0.0.5:5000"\n', "cluster.advertise_url"),
+        ('[cluster]\nadvertise_url = "ftp://10.0.0.5"\n', "cluster.advertise_url"),
+        ('[cluster]\nadvertise_url = "http://10.0.0.5:5000"\n', "cluster.secret"),
+        ('[cluster]\nsecret = "short"\n', "cluster.secret"),
+        ("[cluster]\nlease_ttl = 0\n", "cluster.lease_ttl"),
+        ('[cluster]\nnode = "a b"\n', "cluster.node"),
+    ],
+)
+def test_invalid_cluster_value(tmp_path: Path, text: str, key: str) -> None:
+    assert f"config key {key}:" in _error(tmp_path, text)
+
+
+def test_cluster(tmp_path: Path) -> None:
+    text = f'[cluster]\nadvertise_url = "http://10.0.0.5:5000"\nsecret = "{SECRET}"\n'
+    config = load_config(_write(tmp_path, text), env={"REGPROXY_CLUSTER_NODE": "rack1-a"})
+    assert config.cluster.advertise_url == "http://10.0.0.5:5000"
+    assert config.cluster.secret == SECRET
+    assert config.cluster.node == "rack1-a"
+    assert config.cluster.lease_ttl == 60.0

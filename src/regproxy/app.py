@@ -23,8 +23,12 @@ from regproxy.api.middleware import (
 from regproxy.api.ops import READINESS, Readiness
 from regproxy.api.routes import add_routes
 from regproxy.auth.middleware import auth_middleware
+from regproxy.auth.ratelimit import SharedLoginLimiter
 from regproxy.auth.rules import upstream_prefixes
 from regproxy.auth.service import AUTH, build_authenticator
+from regproxy.cluster import Cluster
+from regproxy.cluster.leases import Leases, host_id
+from regproxy.cluster.peer import FILL_SOURCE, SECRET, PeerClient
 from regproxy.config import Config, ConfigError, UpstreamConfig
 from regproxy.errors import Unavailable
 from regproxy.lifecycle.eviction import EVICTOR, CacheEvictor
@@ -108,10 +112,18 @@ async def prepare(config: Config) -> None:
 
 async def _stores(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    auth = app[AUTH]
     async with open_stores(config) as (meta, storage):
+        # Failed logins count for every replica and worker sharing the metadata store.
+        auth.shared_limiter = SharedLoginLimiter(
+            meta, config.auth.max_login_failures, config.auth.login_lockout
+        )
         timed = InstrumentedBlobStore(storage, app[METRICS], config.storage.backend)
         app[HOSTED] = HostedRegistry(meta, timed, gc_grace=config.gc.grace)
-        yield
+        try:
+            yield
+        finally:
+            auth.shared_limiter = None
 
 
 def _client_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
@@ -136,15 +148,18 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
         name: Upstream(name, config.upstreams[name], session, metrics=metrics)
         for name, session in sessions.items()
     }
+    cluster = _cluster(config, app[HOSTED])
     proxy = PullThroughRegistry(
         app[HOSTED],
         upstreams,
         config.data_path / "spool",
         config.limits.manifest_max_bytes,
+        cluster=cluster,
         metrics=metrics,
     )
     await proxy.reconcile_spool(config.uploads.max_age)
     _scrape_queries(metrics, app[HOSTED].meta, list(upstreams))
+    app[FILL_SOURCE] = proxy
     app[PULL_THROUGH] = proxy
     app[REGISTRY] = RegistryRouter(
         app[HOSTED], proxy, config.default_upstream, on_pull=app[PULLS].record
@@ -153,8 +168,26 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await proxy.close()
+        await cluster.leases.close()
+        if cluster.peer is not None:
+            await cluster.peer.close()
         for session in sessions.values():
             await session.close()
+
+
+def _cluster(config: Config, hosted: HostedRegistry) -> Cluster:
+    """Leases shared by every process on the metadata store; a client for peers' fill
+    endpoints when the replicas share a secret."""
+    settings = config.cluster
+    leases = Leases(
+        hosted.meta,
+        host=host_id(settings.node),
+        url=settings.advertise_url,
+        ttl=settings.lease_ttl,
+    )
+    timeout = max((up.timeout for up in config.upstreams.values()), default=30.0)
+    peer = PeerClient(settings.secret, timeout) if settings.secret else None
+    return Cluster(leases, peer)
 
 
 def _scrape_queries(metrics: Metrics, meta: MetadataStore, upstreams: list[str]) -> None:
@@ -233,6 +266,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app[READINESS] = Readiness()
     app[AUTH] = auth
     app[IN_FLIGHT] = in_flight
+    app[SECRET] = config.cluster.secret
     app.cleanup_ctx.append(_stores)
     app.cleanup_ctx.append(_pull_recorder)
     app.cleanup_ctx.append(_registry)

@@ -221,6 +221,24 @@ class MetadataConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: worker processes and replicas fetch each cold blob once between them
+    (see regproxy.cluster)."""
+
+    # This replica's URL as the other replicas reach it (http://10.0.0.5:5000); "" for none:
+    # then only the workers on this machine follow each other's fills.
+    advertise_url: str = ""
+    # Shared by every replica: authenticates the internal fill endpoint (HMAC-SHA256).
+    secret: str = ""
+    # Seconds a fill's lease lives unless renewed (every lease_ttl/3): how long an owner
+    # that died blocks the others before one of them takes over.
+    lease_ttl: float = 60.0
+    # This machine's name for the leases; default machine id + boot id. Processes with the
+    # same node read each other's spool files.
+    node: str = ""
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """``[metrics]``: Prometheus metrics at ``/metrics``."""
 
@@ -308,6 +326,7 @@ class Config:
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     # Processes serving the one port (SO_REUSEPORT); `regproxy serve --workers N`.
     workers: int = 1
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -483,6 +502,7 @@ def _validate(config: Config) -> None:
     _validate_upstreams(config)
     _validate_auth(config.auth)
     _validate_metadata(config.metadata)
+    _validate_cluster(config.cluster)
     if not 1 <= config.workers <= MAX_WORKERS:
         raise ConfigError(f"config key workers: 1 to {MAX_WORKERS}, got {config.workers}")
     if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
@@ -512,6 +532,38 @@ def _validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: must be greater than zero, got {value}")
+
+
+# Shortest cluster.secret accepted: 128 bits as hex.
+MIN_SECRET = 32
+
+
+def _validate_cluster(cluster: ClusterConfig) -> None:
+    if cluster.advertise_url:
+        url = yarl.URL(cluster.advertise_url)
+        if url.scheme not in ("http", "https") or not url.host or url.query_string:
+            raise ConfigError(
+                "config key cluster.advertise_url: expected an http(s) URL like"
+                f" http://10.0.0.5:5000, got {cluster.advertise_url!r}"
+            )
+        if not cluster.secret:
+            raise ConfigError(
+                "config key cluster.secret: required when cluster.advertise_url is set"
+                " (the same random value on every replica, e.g. `openssl rand -hex 32`)"
+            )
+    if cluster.secret and len(cluster.secret) < MIN_SECRET:
+        raise ConfigError(
+            f"config key cluster.secret: at least {MIN_SECRET} characters"
+            " (e.g. `openssl rand -hex 32`)"
+        )
+    if not cluster.lease_ttl >= 3:
+        raise ConfigError(
+            f"config key cluster.lease_ttl: at least 3 seconds, got {cluster.lease_ttl}"
+        )
+    if cluster.node and not all(c.isalnum() or c in "-_." for c in cluster.node):
+        raise ConfigError(
+            f"config key cluster.node: letters, digits, '-', '_' and '.', got {cluster.node!r}"
+        )
 
 
 def _validate_metadata(metadata: MetadataConfig) -> None:

@@ -47,6 +47,21 @@ class UploadRow:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """Who is doing a piece of work the whole cluster should do once (a blob fill, a tag
+    revalidation), until when, and where its progress can be read (see regproxy.cluster)."""
+
+    key: str
+    owner: str  # a random id per process
+    host: str  # the owner's machine: a follower on the same one reads ``spool`` directly
+    url: str  # the owner's cluster.advertise_url ("" when it has none)
+    spool: str  # the fill's spool file ("" until known)
+    size: int | None  # the blob's size, once the upstream said it
+    started: float
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
 class ImageSummary:
     """A tagged image and the bytes it takes: its manifests and blobs, each counted once."""
 
@@ -325,6 +340,37 @@ class MetadataStore(Protocol):
         repository links is kept, and so is every digest in ``exclude`` (fills in flight).
         """
         ...
+
+    # leases (regproxy.cluster): one owner per key at a time
+    async def acquire_lease(self, lease: LeaseRow, now: float) -> LeaseRow:
+        """Insert ``lease``, or take over the key's lease if it expired before ``now``
+        (compare-and-set). Returns the row in place afterwards: ``lease`` when acquired."""
+        ...
+
+    async def renew_lease(
+        self, key: str, owner: str, expires: float, *, spool: str = "", size: int | None = None
+    ) -> bool:
+        """Extend the owner's lease (and record its spool and size, when given); False when
+        the lease is gone or another owner took it over."""
+        ...
+
+    async def get_lease(self, key: str) -> LeaseRow | None: ...
+
+    async def release_lease(self, key: str, owner: str) -> bool: ...
+
+    # failed logins, counted across replicas (auth/ratelimit.py)
+    async def add_login_failure(self, key: str, now: float, window: float) -> int:
+        """Count a failure for ``key`` in its window (a new one if the last ended), prune
+        windows that ended; the failures in the key's window now."""
+        ...
+
+    async def login_failures(
+        self, keys: Sequence[str], now: float, window: float
+    ) -> dict[str, tuple[float, int]]:
+        """key -> (window start, failures) for those keys whose window is still open."""
+        ...
+
+    async def clear_login_failures(self, key: str) -> None: ...
 
     async def close(self) -> None: ...
 

@@ -43,6 +43,7 @@ from regproxy.meta.base import (
     GarbageBatch,
     GarbageManifest,
     ImageSummary,
+    LeaseRow,
     ManifestRow,
     Reference,
     RepositorySummary,
@@ -66,6 +67,7 @@ _WRITE_ATTEMPTS = 12
 _FIRST_BACKOFF = 0.002
 _MANIFEST_COLUMNS = "m.digest, m.media_type, m.content, m.subject, m.artifact_type"
 _UPLOAD_COLUMNS = 'id, repo, algorithm, "offset", state, started, updated'
+_LEASE_COLUMNS = "key, owner, host, url, spool, size, started, expires"
 # What a lost or unreachable database looks like: connection refused or reset, a timeout,
 # a server shutting down or starting up, too many connections, a connection asyncpg closed
 # or left in a broken state (the server ended the session while it was idle).
@@ -150,6 +152,11 @@ def _manifest(row: Any) -> ManifestRow:
 
 def _blob(row: Any) -> BlobRow:
     return BlobRow(Digest.parse(row[0]), row[1], row[2])
+
+
+def _lease(row: Any) -> LeaseRow:
+    key, owner, host, url, spool, size, started, expires = row
+    return LeaseRow(key, owner, host, url, spool, size, float(started), float(expires))
 
 
 def _upload(row: Any) -> UploadRow:
@@ -241,9 +248,11 @@ class PostgresMetadataStore:
                 "CREATE TABLE IF NOT EXISTS schema_version ("
                 " version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)"
             )
-            current = await db.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            applied = {row[0] for row in await db.fetch("SELECT version FROM schema_version")}
             for version, script in _migrations():
-                if version > current:
+                # Each one not applied yet, also below the highest applied (numbers have gaps
+                # that branches fill in independently).
+                if version not in applied:
                     await db.execute(script)  # no arguments: several statements at once
                     await db.execute(
                         "INSERT INTO schema_version (version, applied) VALUES ($1, $2)",
@@ -752,6 +761,100 @@ class PostgresMetadataStore:
     async def stale_uploads(self, before: float) -> list[UploadRow]:
         rows = await self._all(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE updated < $1", before)
         return [_upload(row) for row in rows]
+
+    # -- leases -------------------------------------------------------------------------------
+
+    async def acquire_lease(self, lease: LeaseRow, now: float) -> LeaseRow:
+        async def work(db: Connection) -> Any:
+            # Inserted, or taken over when expired; else the row in place is returned.
+            taken = await db.fetchrow(
+                f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                " ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, host = EXCLUDED.host,"
+                " url = EXCLUDED.url, spool = EXCLUDED.spool, size = EXCLUDED.size,"
+                " started = EXCLUDED.started, expires = EXCLUDED.expires"
+                f" WHERE leases.expires < $9 RETURNING {_LEASE_COLUMNS}",
+                lease.key,
+                lease.owner,
+                lease.host,
+                lease.url,
+                lease.spool,
+                lease.size,
+                lease.started,
+                lease.expires,
+                now,
+            )
+            if taken is not None:
+                return taken
+            return await db.fetchrow(
+                f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = $1", lease.key
+            )
+
+        return _lease(await self._transaction(work))
+
+    async def renew_lease(
+        self, key: str, owner: str, expires: float, *, spool: str = "", size: int | None = None
+    ) -> bool:
+        async def work(db: Connection) -> int:
+            return _count(
+                await db.execute(
+                    "UPDATE leases SET expires = $1,"
+                    " spool = CASE WHEN $2 = '' THEN spool ELSE $2 END,"
+                    " size = coalesce($3, size) WHERE key = $4 AND owner = $5",
+                    expires,
+                    spool,
+                    size,
+                    key,
+                    owner,
+                )
+            )
+
+        return await self._transaction(work) > 0
+
+    async def get_lease(self, key: str) -> LeaseRow | None:
+        row = await self._one(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = $1", key)
+        return _lease(row) if row else None
+
+    async def release_lease(self, key: str, owner: str) -> bool:
+        async def work(db: Connection) -> int:
+            return _count(
+                await db.execute("DELETE FROM leases WHERE key = $1 AND owner = $2", key, owner)
+            )
+
+        return await self._transaction(work) > 0
+
+    # -- failed logins ------------------------------------------------------------------------
+
+    async def add_login_failure(self, key: str, now: float, window: float) -> int:
+        async def work(db: Connection) -> int:
+            await db.execute("DELETE FROM login_failures WHERE started <= $1", now - window)
+            return int(
+                await db.fetchval(
+                    "INSERT INTO login_failures (key, started, failures) VALUES ($1, $2, 1)"
+                    " ON CONFLICT (key) DO UPDATE SET failures = login_failures.failures + 1"
+                    " RETURNING failures",
+                    key,
+                    now,
+                )
+            )
+
+        return await self._transaction(work)
+
+    async def login_failures(
+        self, keys: Sequence[str], now: float, window: float
+    ) -> dict[str, tuple[float, int]]:
+        rows = await self._all(
+            "SELECT key, started, failures FROM login_failures"
+            " WHERE key = ANY($1::text[]) AND started > $2",
+            list(keys),
+            now - window,
+        )
+        return {row[0]: (float(row[1]), int(row[2])) for row in rows}
+
+    async def clear_login_failures(self, key: str) -> None:
+        async def work(db: Connection) -> None:
+            await db.execute("DELETE FROM login_failures WHERE key = $1", key)
+
+        await self._transaction(work)
 
     # -- operations: metrics, readiness, `regproxy cache ls` ----------------------------------
 

@@ -38,6 +38,7 @@ from regproxy.meta.base import (
     GarbageBatch,
     GarbageManifest,
     ImageSummary,
+    LeaseRow,
     ManifestRow,
     Reference,
     RepositorySummary,
@@ -56,6 +57,7 @@ _PRAGMAS = (
 # References checked per query (two bound parameters each).
 _REFERENCE_BATCH = 500
 _MANIFEST_COLUMNS = "m.digest, m.media_type, m.content, m.subject, m.artifact_type"
+_LEASE_COLUMNS = "key, owner, host, url, spool, size, started, expires"
 
 # -- the garbage rules (one place; a PostgreSQL backend copies them) ----------------------------
 # A blob (alias b) is unused when no manifest of any repository references it, no repository
@@ -111,6 +113,11 @@ def _manifest(row: Any) -> ManifestRow:
         subject=Digest.parse(subject) if subject else None,
         artifact_type=artifact_type,
     )
+
+
+def _lease(row: Any) -> LeaseRow:
+    key, owner, host, url, spool, size, started, expires = row
+    return LeaseRow(key, owner, host, url, spool, size, float(started), float(expires))
 
 
 def _blob(row: Any) -> BlobRow:
@@ -706,6 +713,88 @@ class SqliteMetadataStore:
             (before,),
         )
         return [UploadRow(*row) for row in rows]
+
+    # -- leases -------------------------------------------------------------------------------
+
+    async def acquire_lease(self, lease: LeaseRow, now: float) -> LeaseRow:
+        async with self._transaction() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = ?", (lease.key,)
+                )
+            )
+            if rows and float(rows[0][7]) >= now:
+                return _lease(rows[0])
+            await db.execute(
+                f"INSERT OR REPLACE INTO leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    lease.key,
+                    lease.owner,
+                    lease.host,
+                    lease.url,
+                    lease.spool,
+                    lease.size,
+                    lease.started,
+                    lease.expires,
+                ),
+            )
+            return lease
+
+    async def renew_lease(
+        self, key: str, owner: str, expires: float, *, spool: str = "", size: int | None = None
+    ) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE leases SET expires = ?, spool = CASE WHEN ? = '' THEN spool ELSE ? END,"
+                " size = coalesce(?, size) WHERE key = ? AND owner = ?",
+                (expires, spool, spool, size, key, owner),
+            )
+            return cursor.rowcount > 0
+
+    async def get_lease(self, key: str) -> LeaseRow | None:
+        row = await self._one(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = ?", (key,))
+        return _lease(row) if row else None
+
+    async def release_lease(self, key: str, owner: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM leases WHERE key = ? AND owner = ?", (key, owner)
+            )
+            return cursor.rowcount > 0
+
+    # -- failed logins ------------------------------------------------------------------------
+
+    async def add_login_failure(self, key: str, now: float, window: float) -> int:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM login_failures WHERE started <= ?", (now - window,))
+            await db.execute(
+                "INSERT INTO login_failures (key, started, failures) VALUES (?, ?, 1)"
+                " ON CONFLICT (key) DO UPDATE SET failures = failures + 1",
+                (key, now),
+            )
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT failures FROM login_failures WHERE key = ?", (key,)
+                )
+            )
+            return int(rows[0][0])
+
+    async def login_failures(
+        self, keys: Sequence[str], now: float, window: float
+    ) -> dict[str, tuple[float, int]]:
+        if not keys:
+            return {}
+        marks = ", ".join("?" for _ in keys)
+        rows = await self._all(
+            f"SELECT key, started, failures FROM login_failures WHERE key IN ({marks})"
+            " AND started > ?",
+            (*keys, now - window),
+        )
+        return {row[0]: (float(row[1]), int(row[2])) for row in rows}
+
+    async def clear_login_failures(self, key: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM login_failures WHERE key = ?", (key,))
 
     # -- operations: metrics, readiness, `regproxy cache ls` ----------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from regproxy.meta.base import BlobRow, ManifestRow, UploadRow
 from regproxy.oci import Digest
-from regproxy.proxy.pullthrough import FILLING, PullThroughRegistry
+from regproxy.proxy.pullthrough import PullThroughRegistry, in_flight
 from regproxy.registry.base import ContentRange, Registry
 from regproxy.registry.hosted import HostedRegistry
 
@@ -70,7 +70,7 @@ class RegistryRouter:
         return await self.proxy.blob_redirect_url(blob)
 
     def read_blob(self, blob: BlobRow, start: int, length: int) -> AsyncIterator[bytes]:
-        registry: Registry = self.proxy if blob.storage_key == FILLING else self.hosted
+        registry: Registry = self.proxy if in_flight(blob) else self.hosted
         return registry.read_blob(blob, start, length)
 
     async def get_manifest(self, repo: str, reference: str) -> ManifestRow:
