@@ -42,6 +42,8 @@ from tests.e2e.images import (
     read_layout_blobs,
 )
 from tests.e2e.procs import SKOPEO_BIN, RegproxyProcess, regproxy, regproxy_env, run, skopeo
+from tests.e2e.test_postgres_e2e import postgres_toml
+from tests.pgfixtures import postgres_dsn, postgres_server  # noqa: F401
 from tests.s3fixtures import S3, s3, shared_moto  # noqa: F401
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
@@ -351,6 +353,39 @@ async def test_regproxy_gc_in_another_process_races_pushes(tmp_path: Path) -> No
     toml = GC_TOML.format(interval=0)
     async with regproxy(tmp_path / "regproxy", config=toml) as server:
         await race(server, tmp_path / "regproxy" / "config.toml", gc_process=True)
+
+
+async def test_gc_in_the_server_races_pushes_on_postgres(
+    tmp_path: Path,
+    postgres_dsn: str,  # noqa: F811
+) -> None:
+    toml = GC_TOML.format(interval=0.05) + postgres_toml(postgres_dsn)
+    async with regproxy(tmp_path / "regproxy", config=toml) as server:
+        await race(server, tmp_path / "regproxy" / "config.toml", gc_process=False)
+        rc, out = await regproxy_cli(
+            "check", data_dir=server.data_dir, config=tmp_path / "regproxy" / "config.toml"
+        )
+        assert rc == 0, out
+
+
+async def test_two_replicas_on_postgres_and_s3_race_pushes_and_gc(
+    tmp_path: Path,
+    s3: S3,  # noqa: F811
+    postgres_dsn: str,  # noqa: F811
+) -> None:
+    """Two replicas on one PostgreSQL database and bucket, each with its own data dir: blobs
+    go to one, HEADs and manifests to the other; both collect garbage."""
+    toml = GC_TOML.format(interval=0.05) + s3.toml() + postgres_toml(postgres_dsn)
+    async with (
+        regproxy(tmp_path / "one", config=toml) as one,
+        regproxy(tmp_path / "two", config=toml) as two,
+    ):
+        await race(one, tmp_path / "one" / "config.toml", gc_process=False, other=two)
+        assert "gc: deleted" in two.log_path.read_text()
+        rc, out = await regproxy_cli(
+            "check", data_dir=two.data_dir, config=tmp_path / "two" / "config.toml"
+        )
+        assert rc == 0, out
 
 
 # -- kill -9 mid-pass -------------------------------------------------------------------------
