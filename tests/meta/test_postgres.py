@@ -83,11 +83,11 @@ async def test_upgrade_from_the_first_schema_keeps_links_for_a_grace(
 async def test_migration_numbers_may_have_gaps(
     postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A later branch adds 0010_*.sql after 0003: it is applied once, after the others."""
+    """A migration numbered past a gap (999 after the shipped ones) is applied once, last."""
     dsn = await postgres_server.create_database()
     real = _migrations()
     monkeypatch.setattr(
-        postgres, "_migrations", lambda: [*real, (10, "CREATE TABLE gap_test (x INTEGER)")]
+        postgres, "_migrations", lambda: [*real, (999, "CREATE TABLE gap_test (x INTEGER)")]
     )
     try:
         for _ in range(2):
@@ -99,7 +99,7 @@ async def test_migration_numbers_may_have_gaps(
             assert await conn.fetchval("SELECT count(*) FROM gap_test") == 0
         finally:
             await conn.close()
-        assert [row[0] for row in versions] == [*(version for version, _ in real), 10]
+        assert [row[0] for row in versions] == [*(version for version, _ in real), 999]
     finally:
         await postgres_server.drop_database(dsn)
 
