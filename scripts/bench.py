@@ -3,6 +3,7 @@
 
     python scripts/bench.py [--s3] [--quick] [--size-mib N] [--runs N] [--no-fsync] [--json]
                             [--workers N] [--only GROUP ...]
+    python scripts/bench.py --gc [--gc-interval S] [--runs N] [--no-fsync]
 
 Starts both servers on free 127.0.0.1 ports, each with its own temporary data directory
 (regproxy with its defaults; docker-registry with filesystem storage), runs the same workload
@@ -41,6 +42,13 @@ themselves, ``tags`` needs ``manifests``), e.g. to profile one of them (scripts/
 The ``target`` column is the ratio issue 10 asks for (filesystem mode), with ``ok`` where
 this run met it; big-push targets apply from 64 MiB blobs on, the ``wrk``/``ab`` rows'
 target is higher with ``--workers 2`` or more.
+
+``--gc`` runs only the garbage-collection rows, on regproxy alone: ``regproxy gc`` (a process of
+its own, start-up included) over 10,000 blobs and 2,000 manifests of which half are garbage
+(untagged, ``gc.untagged = "delete"``), then again with nothing left to collect; and small-image
+pushes (config, two 64 KiB layers, manifest; 8 at a time) against a server holding the live
+half, with ``gc.interval`` 0 (off) and ``--gc-interval`` (default 0.5 s: a pass in progress most
+of the time), alternating; best and median of ``--runs``.
 
 Every row gets a warm-up first. Throughput rows (MiB/s, ops/s) report the best of ``--runs``
 timed runs; latency rows report the median and p99 over all requests of one timed series.
@@ -1309,6 +1317,206 @@ def _render_s3_requests(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+# -- garbage collection (--gc) --------------------------------------------------------------
+
+GC_MANIFESTS = 2000
+GC_BLOBS_PER_MANIFEST = 5  # 10,000 blobs in all
+GC_PUSH_IMAGES = 300  # images pushed per timed run of the push rows
+GC_PUSH_LAYER = 64 << 10
+
+
+async def gc_populate(data_dir: Path, manifests: int) -> None:
+    """``manifests`` manifests of 5 blobs each, through the stores' own API; every other
+    manifest is untagged (garbage with gc.untagged = "delete"), and so are its blobs."""
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+    from regproxy.meta.base import BlobRow, ManifestRow, Reference
+    from regproxy.meta.sqlite import SqliteMetadataStore
+    from regproxy.oci import Digest
+    from regproxy.storage.filesystem import FilesystemBlobStore
+
+    meta = await SqliteMetadataStore.open(data_dir / "metadata.sqlite")
+    storage = FilesystemBlobStore(data_dir / "blobs", fsync=False)
+    try:
+        for n in range(manifests):
+            repo = f"gc/repo{n % 20}"
+            refs = []
+            for i in range(GC_BLOBS_PER_MANIFEST):
+                data = f"blob {i} of manifest {n}".encode() * 8
+                digest = Digest.of(data)
+                writer = await storage.open_writer(f"bench-{n}-{i}", None, 0)
+                await writer.write(data)
+                key = await writer.commit(digest)
+                await meta.add_blob(repo, BlobRow(digest, len(data), key))
+                refs.append(Reference(digest, False))
+            content = json.dumps(
+                {"schemaVersion": 2, "n": n, "layers": [str(r.digest) for r in refs]}
+            )
+            manifest = ManifestRow(Digest.of(content.encode()), OCI_MANIFEST, content.encode())
+            tags = [f"t{n}"] if n % 2 == 0 else []
+            await meta.put_manifest(repo, manifest, refs, tags)
+    finally:
+        await meta.close()
+        await storage.close()
+
+
+async def gc_in_process(data_dir: Path) -> tuple[float, float]:
+    """Seconds of a GC pass over ``data_dir`` in this process, then of a pass with nothing left."""
+    from regproxy.app import open_stores
+    from regproxy.config import load_config
+    from regproxy.lifecycle.gc import run_pass
+
+    overrides = {"data_dir": str(data_dir), "gc.grace": 0.0, "gc.untagged": "delete"}
+    config = load_config(None, env={}, overrides=overrides)
+    timings = []
+    async with open_stores(config) as (meta, storage):
+        for _ in range(2):
+            started = time.perf_counter()
+            await run_pass(meta, storage, config)
+            timings.append(time.perf_counter() - started)
+    return timings[0], timings[1]
+
+
+async def gc_push_images(url: str, session: aiohttp.ClientSession, prefix: str) -> float:
+    """Push GC_PUSH_IMAGES small images (config, two layers, manifest) 8 at a time: images/s."""
+    t = Target(RP, url, 0, session)
+
+    async def one(i: int) -> None:
+        repo = f"push/{prefix}{i % 8}"
+        config = json.dumps({"architecture": "amd64", "os": "linux", "i": f"{prefix}{i}"}).encode()
+        layers = [os.urandom(GC_PUSH_LAYER) for _ in range(2)]
+        for data in (config, *layers):
+            await push_small(t, repo, data)
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": _sha256(config), "size": len(config)},
+            "layers": [
+                {"mediaType": OCI_LAYER, "digest": _sha256(data), "size": len(data)}
+                for data in layers
+            ],
+        }
+        body = json.dumps(doc).encode()
+        async with session.put(
+            f"{url}/v2/{repo}/manifests/v{i}", data=body, headers={"Content-Type": OCI_MANIFEST}
+        ) as resp:
+            await _expect(resp, 201)
+
+    started = time.perf_counter()
+    await run_concurrent(GC_PUSH_IMAGES, 8, one)
+    return GC_PUSH_IMAGES / (time.perf_counter() - started)
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def gc_cli(data_dir: Path, config: Path) -> tuple[float, str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "regproxy",
+        "gc",
+        "--data-dir",
+        str(data_dir),
+        "--config",
+        str(config),
+    ]
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=tool_env(),
+        preexec_fn=_set_pdeathsig,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise BenchError(f"regproxy gc exited {proc.returncode}: {out.decode()[-2000:]}")
+    return time.perf_counter() - started, out.decode().strip().splitlines()[-1]
+
+
+async def gc_bench(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """The GC rows: (operation, figure, note)."""
+    rows: list[tuple[str, str, str]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="regproxy-gc-bench-"))
+    log = (lambda message: print(f"[gc] {message}", file=sys.stderr)) if not args.quiet else None
+    try:
+        data = tmp / "data"
+        data.mkdir()
+        config = tmp / "gc.toml"
+        config.write_text('[gc]\ninterval = 0\ngrace = 0\nuntagged = "delete"\n')
+        if log:
+            log(
+                f"populating {GC_MANIFESTS} manifests, {GC_MANIFESTS * GC_BLOBS_PER_MANIFEST} blobs"
+            )
+        await gc_populate(data, GC_MANIFESTS)
+        shutil.copytree(data, tmp / "in-process")
+        first, again = await gc_in_process(tmp / "in-process")
+        rows.append(
+            (
+                "gc pass (in process), 10,000 blobs + 2,000 manifests, half garbage",
+                f"{first:.2f} s",
+                "run_pass on the stores",
+            )
+        )
+        rows.append(
+            (
+                "gc pass (in process) again, nothing to collect",
+                f"{again:.2f} s",
+                "no write transaction",
+            )
+        )
+        seconds, summary = await gc_cli(data, config)
+        rows.append(
+            ("`regproxy gc`, same state (process start-up included)", f"{seconds:.2f} s", summary)
+        )
+        seconds, summary = await gc_cli(data, config)
+        rows.append(("`regproxy gc` again, nothing to collect", f"{seconds:.2f} s", summary))
+
+        # Pushes against a server holding the live half, with and without a pass every 0.5 s.
+        rates: dict[str, list[float]] = {"off": [], "on": []}
+        for run in range(args.runs):
+            for mode in ("off", "on") if run % 2 == 0 else ("on", "off"):
+                serve_dir = tmp / f"serve-{mode}-{run}"
+                serve_dir.mkdir()
+                shutil.copytree(data, serve_dir / "data")
+                settings = {
+                    "REGPROXY_GC_INTERVAL": str(args.gc_interval) if mode == "on" else "0",
+                    "REGPROXY_GC_GRACE": "3600",
+                }
+                async with (
+                    regproxy_server(serve_dir, fsync=not args.no_fsync, settings=settings) as (
+                        url,
+                        _,
+                    ),
+                    _session() as session,
+                ):
+                    rates[mode].append(await gc_push_images(url, session, f"{mode}{run}-"))
+                if log:
+                    log(f"run {run}: pushes with gc {mode}: {rates[mode][-1]:.1f} images/s")
+        for label, pick in (("best", max), ("median", statistics.median)):
+            off, on = pick(rates["off"]), pick(rates["on"])
+            note = f"{label} of {args.runs} runs"
+            rows.append((f"push images/s, no gc ({label})", f"{off:.1f}", note))
+            rows.append(
+                (
+                    f"push images/s, gc pass every {args.gc_interval:g} s ({label})",
+                    f"{on:.1f}",
+                    note,
+                )
+            )
+            rows.append(
+                (
+                    f"push slowdown with gc running ({label})",
+                    f"{100 * (1 - on / off):.1f} %",
+                    "target < 10 %",
+                )
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -1417,12 +1625,30 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs and logs")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--gc",
+        action="store_true",
+        help="only the garbage-collection rows (regproxy alone): a pass over 10,000 blobs and"
+        " 2,000 manifests, half garbage, and small-image pushes with and without GC running",
+    )
+    parser.add_argument(
+        "--gc-interval",
+        type=float,
+        default=0.5,
+        help="--gc: gc.interval of the server during the push rows with GC (default 0.5 s)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = shlex.join(["python", "scripts/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.gc:
+        gc_rows = asyncio.run(gc_bench(args))
+        print(f"command: {command}")
+        print(f"load average (1/5/15 min) after: {_loadavg()}")
+        print("\n".join(_grid(("operation", "figure", "note"), gc_rows, left=1)))
+        return 0
 
     async def run() -> tuple[list[Row], dict[str, Any]]:
         task = asyncio.current_task()

@@ -232,6 +232,10 @@ def test_environment_key_under_a_non_table_in_file(tmp_path: Path) -> None:
         ("[limits]\nmanifest_max_bytes = 0\n", "limits.manifest_max_bytes"),
         ("[limits]\npage_max = -5\n", "limits.page_max"),
         ("shutdown_timeout = 0\n", "shutdown_timeout"),
+        ("[gc]\ninterval = -1\n", "gc.interval"),
+        ("[gc]\ninterval = nan\n", "gc.interval"),
+        ("[gc]\ngrace = -0.5\n", "gc.grace"),
+        ('[gc]\nuntagged = "remove"\n', "gc.untagged"),
     ],
 )
 def test_invalid_value(tmp_path: Path, text: str, key: str) -> None:
@@ -345,3 +349,38 @@ prepared_statements = false
 def test_invalid_metadata_and_workers(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"config key {key}[:]"):
         load_config(_write(tmp_path, text), env={})
+
+
+def test_gc_defaults_and_environment(tmp_path: Path) -> None:
+    config = load_config(None, env={})
+    assert (config.gc.interval, config.gc.grace, config.gc.untagged) == (3600.0, 86400.0, "keep")
+    path = _write(tmp_path, '[gc]\ninterval = 0\nuntagged = "delete"\n')
+    config = load_config(path, env={"REGPROXY_GC_GRACE": "60"})
+    assert (config.gc.interval, config.gc.grace, config.gc.untagged) == (0.0, 60.0, "delete")
+
+
+SECRET = "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[cluster]\nadvertise_url = "10.0.0.5:5000"\n', "cluster.advertise_url"),
+        ('[cluster]\nadvertise_url = "ftp://10.0.0.5"\n', "cluster.advertise_url"),
+        ('[cluster]\nadvertise_url = "http://10.0.0.5:5000"\n', "cluster.secret"),
+        ('[cluster]\nsecret = "short"\n', "cluster.secret"),
+        ("[cluster]\nlease_ttl = 0\n", "cluster.lease_ttl"),
+        ('[cluster]\nnode = "a b"\n', "cluster.node"),
+    ],
+)
+def test_invalid_cluster_value(tmp_path: Path, text: str, key: str) -> None:
+    assert f"config key {key}:" in _error(tmp_path, text)
+
+
+def test_cluster(tmp_path: Path) -> None:
+    text = f'[cluster]\nadvertise_url = "http://10.0.0.5:5000"\nsecret = "{SECRET}"\n'
+    config = load_config(_write(tmp_path, text), env={"REGPROXY_CLUSTER_NODE": "rack1-a"})
+    assert config.cluster.advertise_url == "http://10.0.0.5:5000"
+    assert config.cluster.secret == SECRET
+    assert config.cluster.node == "rack1-a"
+    assert config.cluster.lease_ttl == 60.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
@@ -22,10 +23,16 @@ from regproxy.api.middleware import (
 from regproxy.api.ops import READINESS, Readiness
 from regproxy.api.routes import add_routes
 from regproxy.auth.middleware import auth_middleware
+from regproxy.auth.ratelimit import SharedLoginLimiter
 from regproxy.auth.rules import upstream_prefixes
 from regproxy.auth.service import AUTH, build_authenticator
+from regproxy.cluster import Cluster
+from regproxy.cluster.leases import Leases, host_id
+from regproxy.cluster.peer import FILL_SOURCE, SECRET, PeerClient
 from regproxy.config import Config, ConfigError, UpstreamConfig
 from regproxy.errors import Unavailable
+from regproxy.lifecycle.eviction import EVICTOR, CacheEvictor
+from regproxy.lifecycle.pulls import PULLS, PullRecorder
 from regproxy.meta.base import MetadataStore
 from regproxy.meta.postgres import PostgresMetadataStore
 from regproxy.meta.sqlite import SqliteMetadataStore
@@ -78,15 +85,14 @@ def _without_password(dsn: str) -> str:
     return str(url.with_password(None)) if url.password else dsn
 
 
-async def _stores(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
+@contextlib.asynccontextmanager
+async def open_stores(config: Config) -> AsyncIterator[tuple[MetadataStore, BlobStore]]:
+    """The metadata store and the blob store, for serving and for the lifecycle commands."""
     config.data_path.mkdir(parents=True, exist_ok=True)
     meta = await _metadata_store(config)
     try:
         async with _blob_store(config) as storage:
-            timed = InstrumentedBlobStore(storage, app[METRICS], config.storage.backend)
-            app[HOSTED] = HostedRegistry(meta, timed)
-            yield
+            yield meta, storage
     finally:
         await meta.close()
 
@@ -102,6 +108,22 @@ async def prepare(config: Config) -> None:
     await meta.close()
     async with _blob_store(config):
         pass
+
+
+async def _stores(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    auth = app[AUTH]
+    async with open_stores(config) as (meta, storage):
+        # Failed logins count for every replica and worker sharing the metadata store.
+        auth.shared_limiter = SharedLoginLimiter(
+            meta, config.auth.max_login_failures, config.auth.login_lockout
+        )
+        timed = InstrumentedBlobStore(storage, app[METRICS], config.storage.backend)
+        app[HOSTED] = HostedRegistry(meta, timed, gc_grace=config.gc.grace)
+        try:
+            yield
+        finally:
+            auth.shared_limiter = None
 
 
 def _client_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
@@ -126,23 +148,46 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
         name: Upstream(name, config.upstreams[name], session, metrics=metrics)
         for name, session in sessions.items()
     }
+    cluster = _cluster(config, app[HOSTED])
     proxy = PullThroughRegistry(
         app[HOSTED],
         upstreams,
         config.data_path / "spool",
         config.limits.manifest_max_bytes,
+        cluster=cluster,
         metrics=metrics,
     )
     await proxy.reconcile_spool(config.uploads.max_age)
     _scrape_queries(metrics, app[HOSTED].meta, list(upstreams))
-    app[REGISTRY] = RegistryRouter(app[HOSTED], proxy, config.default_upstream)
+    app[FILL_SOURCE] = proxy
     app[PULL_THROUGH] = proxy
+    app[REGISTRY] = RegistryRouter(
+        app[HOSTED], proxy, config.default_upstream, on_pull=app[PULLS].record
+    )
     try:
         yield
     finally:
         await proxy.close()
+        await cluster.leases.close()
+        if cluster.peer is not None:
+            await cluster.peer.close()
         for session in sessions.values():
             await session.close()
+
+
+def _cluster(config: Config, hosted: HostedRegistry) -> Cluster:
+    """Leases shared by every process on the metadata store; a client for peers' fill
+    endpoints when the replicas share a secret."""
+    settings = config.cluster
+    leases = Leases(
+        hosted.meta,
+        host=host_id(settings.node),
+        url=settings.advertise_url,
+        ttl=settings.lease_ttl,
+    )
+    timeout = max((up.timeout for up in config.upstreams.values()), default=30.0)
+    peer = PeerClient(settings.secret, timeout) if settings.secret else None
+    return Cluster(leases, peer)
 
 
 def _scrape_queries(metrics: Metrics, meta: MetadataStore, upstreams: list[str]) -> None:
@@ -156,7 +201,7 @@ def _scrape_queries(metrics: Metrics, meta: MetadataStore, upstreams: list[str])
         )
         blobs = gauge("registry_proxy_cache_blobs", "Blobs in an upstream's cache.", ["upstream"])
         for name in upstreams:
-            count, total = await meta.cache_usage(name)
+            count, total = await meta.cache_totals(name)
             size.add_metric([name], total)
             blobs.add_metric([name], count)
         return [size, blobs]
@@ -170,6 +215,35 @@ def _scrape_queries(metrics: Metrics, meta: MetadataStore, upstreams: list[str])
     metrics.add_scrape_query(uploads)
     for name in upstreams:
         metrics.upstream_added(name)
+
+
+async def _pull_recorder(app: web.Application) -> AsyncIterator[None]:
+    """Pull times, batched in memory and written every cache.pull_flush_interval seconds."""
+    recorder = PullRecorder(app[HOSTED].meta, app[CONFIG].cache.pull_flush_interval)
+    app[PULLS] = recorder
+    task = asyncio.create_task(recorder.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await recorder.close()  # the pulls since the last flush
+
+
+async def _cache_evictor(app: web.Application) -> AsyncIterator[None]:
+    """Cache eviction after each fill (and for GC passes in this process)."""
+    proxy = app[PULL_THROUGH]
+    hosted = app[HOSTED]
+    evictor = CacheEvictor(
+        hosted.meta, hosted.storage, app[CONFIG], pulls=app[PULLS], in_use=proxy.filling
+    )
+    app[EVICTOR] = evictor
+    proxy.on_fill_done = evictor.fill_done
+    try:
+        yield
+    finally:
+        proxy.on_fill_done = None
+        await evictor.close()
 
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
@@ -192,8 +266,11 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app[READINESS] = Readiness()
     app[AUTH] = auth
     app[IN_FLIGHT] = in_flight
+    app[SECRET] = config.cluster.secret
     app.cleanup_ctx.append(_stores)
+    app.cleanup_ctx.append(_pull_recorder)
     app.cleanup_ctx.append(_registry)
+    app.cleanup_ctx.append(_cache_evictor)
     app.cleanup_ctx.append(background_tasks)
     app.on_response_prepare.append(add_common_headers)
     add_routes(app)

@@ -193,7 +193,7 @@ async def list_cached(config: Config, upstream: str | None, out: TextIO) -> int:
         meta = app[HOSTED].meta
         rows: list[ImageSummary] = []
         for name in [upstream] if upstream else list(config.upstreams):
-            rows.extend(await meta.cached_images(name))
+            rows.extend(await meta.cached_tags(name))
     finally:
         await runner.cleanup()
     header = ("REPOSITORY", "TAG", "DIGEST", "SIZE", "CHECKED (UTC)")

@@ -102,6 +102,21 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (ls, warm):
         sub.add_argument("--config", help="TOML configuration file (or REGPROXY_CONFIG)")
         sub.add_argument("--data-dir", help="the data directory (default ./data)")
+    gc = commands.add_parser(
+        "gc", help="collect garbage now (safe while `regproxy serve` runs on the same data)"
+    )
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument("--config", help="TOML configuration file (or REGPROXY_CONFIG)")
+    gc.add_argument("--data-dir", help="where blobs and metadata live (default ./data)")
+    check = commands.add_parser("check", help="find blob rows whose bytes are missing or wrong")
+    check.add_argument("--deep", action="store_true", help="re-hash every blob")
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="forget broken cached blobs (the next pull fetches them again)",
+    )
+    check.add_argument("--config", help="TOML configuration file (or REGPROXY_CONFIG)")
+    check.add_argument("--data-dir", help="where blobs and metadata live (default ./data)")
     return parser
 
 
@@ -227,6 +242,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             password_stdin=args.password_stdin,
             rounds=args.rounds,
         )
+    if args.command in ("gc", "check"):
+        _configure_logging(config)
+    if args.command == "gc":
+        from regproxy.lifecycle.commands import gc_command
+
+        return gc_command(config, dry_run=args.dry_run)
+    if args.command == "check":
+        from regproxy.lifecycle.commands import check_command
+
+        return check_command(config, deep=args.deep, repair=args.repair)
     try:
         return serve(config)
     except ConfigError as exc:  # found while wiring the app, e.g. users, rules, token key

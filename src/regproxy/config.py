@@ -33,6 +33,8 @@ MAX_WORKERS = 64
 _UPSTREAM_NAME_RE = re.compile(r"^[a-z0-9]+(?:[.-][a-z0-9]+)*(?::[0-9]+)?$")
 # A tag_rules glob: tag characters plus the glob's own.
 _TAG_GLOB_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
+# A retention keep_tags glob: tag characters plus "*" and "?".
+_KEEP_TAG_GLOB_RE = re.compile(r"[A-Za-z0-9_.*?-]+")
 
 
 class ConfigError(Exception):
@@ -153,6 +155,12 @@ class UpstreamConfig:
                 return rule.seconds
         return self.tag_ttl
 
+    # Cache budget of this upstream's content, inside [cache]'s: bytes (0 = only the global
+    # budget) and seconds an image may go unpulled before it is evicted (0 = only cache.max_idle;
+    # the shorter of the two applies).
+    max_bytes: int = 0
+    max_idle: float = 0.0
+
 
 @dataclass(frozen=True)
 class AuthRule:
@@ -213,6 +221,24 @@ class MetadataConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: worker processes and replicas fetch each cold blob once between them
+    (see regproxy.cluster)."""
+
+    # This replica's URL as the other replicas reach it (http://10.0.0.5:5000); "" for none:
+    # then only the workers on this machine follow each other's fills.
+    advertise_url: str = ""
+    # Shared by every replica: authenticates the internal fill endpoint (HMAC-SHA256).
+    secret: str = ""
+    # Seconds a fill's lease lives unless renewed (every lease_ttl/3): how long an owner
+    # that died blocks the others before one of them takes over.
+    lease_ttl: float = 60.0
+    # This machine's name for the leases; default machine id + boot id. Processes with the
+    # same node read each other's spool files.
+    node: str = ""
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """``[metrics]``: Prometheus metrics at ``/metrics``."""
 
@@ -220,6 +246,63 @@ class MetricsConfig:
     # A separate HOST:PORT (e.g. "127.0.0.1:9100") serving only /metrics, without auth; empty:
     # /metrics is on the main listener and needs a login like /v2/ (see README).
     listen: str = ""
+
+
+@dataclass(frozen=True)
+class RetentionRule:
+    """``[[retention.rules]]``: which tags of the matching hosted repositories GC keeps.
+
+    A tag survives if any clause keeps it (and, with several rules for a repository, if any
+    rule keeps it); the other tags of the matching repositories are removed by GC.
+    """
+
+    # Globs, the auth rules' syntax: "*" within one path component, "**" across them.
+    repos: tuple[str, ...] = ()
+    # The most recently pushed tags kept (0: this clause keeps none).
+    keep_last: int = 0
+    # Seconds: tags whose manifest was pulled within this window are kept (0: clause off).
+    keep_pulled_within: float = 0.0
+    # Globs of tag names never removed by retention, e.g. "latest", "v*".
+    keep_tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    # No rules: retention is off and GC removes no tag.
+    rules: tuple[RetentionRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """``[cache]``: the byte budget of the pull-through cache (every upstream together)."""
+
+    # Soft budget of the bytes stored for cached upstream content; 0 = unlimited.
+    max_bytes: int = 0
+    # Seconds: cached images not pulled for this long are evicted; 0 = never.
+    max_idle: float = 0.0
+    # Filesystem backend: evict before the free space of storage.path falls below this.
+    min_free_bytes: int = 0
+    # Seconds after its last pull (or link) during which eviction leaves a cached image and its
+    # blobs alone, so a pull that another process is serving right now is not cut off.
+    grace: float = 60.0
+    # Seconds: "last pulled" times (hosted tags and cached images) are noted in memory and
+    # written in batches, at most once per manifest per period, never once per request.
+    pull_flush_interval: float = 60.0
+
+
+@dataclass(frozen=True)
+class GcConfig:
+    """``[gc]``: online garbage collection of blobs and manifests nothing uses any more."""
+
+    # Seconds between background passes of `regproxy serve`; 0 = no background pass.
+    interval: float = 3600.0
+    # Seconds a blob stays after it was last pushed, mounted or linked (a client pushes the
+    # manifest that references its blobs up to this long after them), and an untagged
+    # manifest after it was pushed.
+    grace: float = 86400.0
+    # "keep" or "delete": what GC does with hosted manifests that no tag, index or subject
+    # keeps (docker push of a tag that moved leaves the old manifest untagged).
+    untagged: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -243,7 +326,11 @@ class Config:
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     # Processes serving the one port (SO_REUSEPORT); `regproxy serve --workers N`.
     workers: int = 1
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    gc: GcConfig = field(default_factory=GcConfig)
 
     @property
     def host(self) -> str:
@@ -415,10 +502,14 @@ def _validate(config: Config) -> None:
     _validate_upstreams(config)
     _validate_auth(config.auth)
     _validate_metadata(config.metadata)
+    _validate_cluster(config.cluster)
     if not 1 <= config.workers <= MAX_WORKERS:
         raise ConfigError(f"config key workers: 1 to {MAX_WORKERS}, got {config.workers}")
     if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigError("config key workers: several workers need SO_REUSEPORT (Linux)")
+    _validate_retention(config.retention)
+    _validate_cache(config)
+    _validate_gc(config.gc)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key log_level: unknown level {config.log_level!r}")
     if config.log_format not in ("text", "json"):
@@ -441,6 +532,38 @@ def _validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: must be greater than zero, got {value}")
+
+
+# Shortest cluster.secret accepted: 128 bits as hex.
+MIN_SECRET = 32
+
+
+def _validate_cluster(cluster: ClusterConfig) -> None:
+    if cluster.advertise_url:
+        url = yarl.URL(cluster.advertise_url)
+        if url.scheme not in ("http", "https") or not url.host or url.query_string:
+            raise ConfigError(
+                "config key cluster.advertise_url: expected an http(s) URL like"
+                f" http://10.0.0.5:5000, got {cluster.advertise_url!r}"
+            )
+        if not cluster.secret:
+            raise ConfigError(
+                "config key cluster.secret: required when cluster.advertise_url is set"
+                " (the same random value on every replica, e.g. `openssl rand -hex 32`)"
+            )
+    if cluster.secret and len(cluster.secret) < MIN_SECRET:
+        raise ConfigError(
+            f"config key cluster.secret: at least {MIN_SECRET} characters"
+            " (e.g. `openssl rand -hex 32`)"
+        )
+    if not cluster.lease_ttl >= 3:
+        raise ConfigError(
+            f"config key cluster.lease_ttl: at least 3 seconds, got {cluster.lease_ttl}"
+        )
+    if cluster.node and not all(c.isalnum() or c in "-_." for c in cluster.node):
+        raise ConfigError(
+            f"config key cluster.node: letters, digits, '-', '_' and '.', got {cluster.node!r}"
+        )
 
 
 def _validate_metadata(metadata: MetadataConfig) -> None:
@@ -603,3 +726,58 @@ def _validate_auth(auth: AuthConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: must be greater than zero, got {value}")
+
+
+def _validate_retention(retention: RetentionConfig) -> None:
+    for i, rule in enumerate(retention.rules):
+        key = f"retention.rules[{i}]"
+        if not rule.repos:
+            raise ConfigError(f"config key {key}.repos: must not be empty")
+        for pattern in rule.repos:
+            if not rules.valid_glob(pattern):
+                raise ConfigError(
+                    f"config key {key}.repos: {pattern!r} is not a repository glob"
+                    " (lower-case name characters, '/', '*', '**', '?')"
+                )
+        for pattern in rule.keep_tags:
+            if not pattern or not _KEEP_TAG_GLOB_RE.fullmatch(pattern):
+                raise ConfigError(f"config key {key}.keep_tags: {pattern!r} is not a tag glob")
+        if rule.keep_last < 0 or rule.keep_pulled_within < 0:
+            raise ConfigError(f"config key {key}: keep_last and keep_pulled_within must be >= 0")
+        if not (rule.keep_last or rule.keep_pulled_within or rule.keep_tags):
+            # A rule without a clause would remove every tag of its repositories.
+            raise ConfigError(
+                f"config key {key}: give at least one of keep_last, keep_pulled_within, keep_tags"
+            )
+
+
+def _validate_cache(config: Config) -> None:
+    cache = config.cache
+    limits = {
+        "cache.max_bytes": cache.max_bytes,
+        "cache.max_idle": cache.max_idle,
+        "cache.min_free_bytes": cache.min_free_bytes,
+        "cache.grace": cache.grace,
+    }
+    for name, upstream in config.upstreams.items():
+        limits[f"upstreams.{name}.max_bytes"] = upstream.max_bytes
+        limits[f"upstreams.{name}.max_idle"] = upstream.max_idle
+    for key, value in limits.items():
+        if value < 0:
+            raise ConfigError(f"config key {key}: must be >= 0 (0 turns it off), got {value}")
+    if cache.pull_flush_interval <= 0:
+        raise ConfigError(
+            "config key cache.pull_flush_interval: must be greater than zero,"
+            f" got {cache.pull_flush_interval}"
+        )
+
+
+def _validate_gc(gc: GcConfig) -> None:
+    if not gc.interval >= 0:  # NaN too
+        raise ConfigError(f"config key gc.interval: 0 (off) or more seconds, got {gc.interval}")
+    if not gc.grace >= 0:
+        raise ConfigError(f"config key gc.grace: 0 or more seconds, got {gc.grace}")
+    if gc.untagged not in ("keep", "delete"):
+        raise ConfigError(
+            f"config key gc.untagged: expected 'keep' or 'delete', got {gc.untagged!r}"
+        )

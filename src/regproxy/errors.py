@@ -116,3 +116,14 @@ class TooManyRequests(RegistryError):
 
 class Unavailable(RegistryError):
     code, status, default_message = "UNAVAILABLE", 503, "service unavailable"
+
+
+class StorageFull(RegistryError):
+    """The disk (or quota) holding blobs or metadata is full: ENOSPC or EDQUOT.
+
+    507 Insufficient Storage says exactly that, and clients (docker, containerd, skopeo) treat
+    a 5xx as retryable; the code is distribution's UNAVAILABLE, which they print as given.
+    """
+
+    code, status = "UNAVAILABLE", 507
+    default_message = "the registry's storage is full; nothing of this upload was kept"

@@ -415,4 +415,10 @@ def _explain_sharing(config: Config) -> None:
             " and ".join(local),
         )
     if config.upstreams:
-        log.info("each worker fetches a cold blob from an upstream on its own (not yet shared)")
+        log.info("the workers fetch each cold blob from an upstream once between them")
+        if not local and not config.cluster.advertise_url:
+            log.info(
+                "replicas on other machines follow each other's fills only with"
+                " cluster.advertise_url and cluster.secret set (else they wait for the blob"
+                " to be stored)"
+            )

@@ -117,7 +117,8 @@ def test_every_route_has_an_access_entry(app_routes: list[tuple[str, str]]) -> N
 
 @pytest.fixture
 def app_routes(tmp_path: Path) -> list[tuple[str, str]]:
-    app = create_app(auth_config(tmp_path))
+    # With cluster.secret: the peers' fill endpoint exists (and is in ROUTE_ACCESS) too.
+    app = create_app(auth_config(tmp_path, cluster__secret="s" * 32))
     return [(r.method, r.resource.canonical) for r in app.router.routes() if r.resource]
 
 

@@ -30,7 +30,7 @@ EXPECTED_DATA_ENTRIES = [
     r"blobs/blobs",
     r"blobs/blobs/sha256",
     r"blobs/blobs/sha256/[0-9a-f]{2}",
-    r"blobs/blobs/sha256/[0-9a-f]{2}/[0-9a-f]{64}",
+    rf"blobs/blobs/sha256/[0-9a-f]{{2}}/[0-9a-f]{{64}}\.{UUID}",
     r"spool",
 ]
 

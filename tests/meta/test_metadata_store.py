@@ -387,18 +387,18 @@ async def test_summaries_of_images_tags_and_repositories(store: MetadataStore) -
     image_size = len(image.content) + 1010
     index_size = len(index.content) + len(child.content)
 
-    cached = await store.cached_images("hub")
+    cached = await store.cached_tags("hub")
     assert [(i.repo, i.tag, i.digest, i.size) for i in cached] == [
         ("hub/library/app", "latest", image.digest, image_size),
         ("hub/library/app", "multi", index.digest, index_size),
         ("hub/library/app", "v1", image.digest, image_size),
     ]
-    blobs, stored = await store.cache_usage("hub")
+    blobs, stored = await store.cache_totals("hub")
     assert (blobs, stored) == (
         2,
         1010 + len(image.content) + len(child.content) + len(index.content),
     )
-    assert await store.cache_usage("nothing") == (0, 0)
+    assert await store.cache_totals("nothing") == (0, 0)
 
     tags = await store.list_tag_summaries("hosted/app", "", 2)
     assert [(t.tag, t.digest, t.size, t.missing) for t in tags] == [
@@ -422,3 +422,330 @@ async def test_summaries_of_images_tags_and_repositories(store: MetadataStore) -
     assert await store.count_uploads() == 0
     await store.create_upload(upload("u1", time.time()))
     assert await store.count_uploads() == 1
+
+
+# -- links and reference checks (GC's race rules) ---------------------------------------------
+
+
+def image(
+    seed: str, *blobs: BlobRow, subject: Digest | None = None
+) -> tuple[ManifestRow, list[Reference]]:
+    return manifest(seed, subject=subject), [Reference(b.digest, False) for b in blobs]
+
+
+async def test_link_blob_reports_and_refreshes_the_link(store: MetadataStore) -> None:
+    row = blob("a")
+    assert await store.link_blob("app", row.digest) is False  # not stored: nothing to link
+    await store.add_blob("one", row)
+    first = await store.get_repo_blob("one", row.digest)
+    assert first is not None and first.linked is not None
+    await store.add_blob("one", row)  # pushed again: the link's time moves on
+    again = await store.get_repo_blob("one", row.digest)
+    assert again is not None and again.linked is not None and again.linked >= first.linked
+    assert await store.link_blob("app", row.digest) is True
+    assert await store.link_blob("app", row.digest) is True  # twice: refreshed
+    linked = await store.get_repo_blob("app", row.digest)
+    assert linked is not None and linked.linked is not None and linked.linked >= first.linked
+
+
+async def test_touch_link_only_moves_forward_and_needs_the_link(store: MetadataStore) -> None:
+    row = blob("a")
+    await store.add_blob("app", row)
+    current = await store.get_repo_blob("app", row.digest)
+    assert current is not None and current.linked is not None
+    later = current.linked + 100.0
+    assert await store.touch_link("app", row.digest, later) is True
+    touched = await store.get_repo_blob("app", row.digest)
+    assert touched is not None and touched.linked == later
+    assert await store.touch_link("app", row.digest, later - 50.0) is True  # never backwards
+    touched = await store.get_repo_blob("app", row.digest)
+    assert touched is not None and touched.linked == later
+    assert await store.touch_link("other", row.digest, later) is False
+    await store.unlink_blob("app", row.digest)
+    assert await store.touch_link("app", row.digest, later) is False
+
+
+async def test_put_manifest_checks_references_in_its_transaction(store: MetadataStore) -> None:
+    present, absent = blob("present"), blob("absent")
+    await store.add_blob("app", present)
+    await store.add_blob("elsewhere", absent)  # stored, but not in app
+    child = manifest("child")
+    refs = [
+        Reference(present.digest, False),
+        Reference(absent.digest, False),
+        Reference(child.digest, True),
+    ]
+    row = manifest("top")
+    missing = await store.put_manifest("app", row, refs, ["v1"], check_references=True)
+    assert missing == refs[1:]
+    assert await store.get_manifest("app", row.digest) is None  # nothing stored
+    assert await store.tag_checked("app", "v1") is None
+    await store.link_blob("app", absent.digest)
+    await store.put_manifest("app", child, [], [])
+    assert await store.put_manifest("app", row, refs, ["v1"], check_references=True) == []
+    assert await store.get_tagged_manifest("app", "v1") == row
+    # Without the check (the pull-through cache stores what upstream sent), nothing is looked up.
+    dangling = manifest("dangling")
+    assert await store.put_manifest("app", dangling, [Reference(digest("x"), False)], []) == []
+    assert await store.get_manifest("app", dangling.digest) == dangling
+
+
+# -- garbage collection -----------------------------------------------------------------------
+
+
+async def collect(store: MetadataStore, before: float, **options: object) -> dict[str, object]:
+    manifests, links, blobs = [], 0, []
+    async for found in store.collect_garbage(before, **options):  # type: ignore[arg-type]
+        manifests += [(m.repo, str(m.digest)) for m in found.manifests]
+        links += found.links
+        blobs += [str(b.digest) for b in found.blobs]
+    return {"manifests": sorted(manifests), "links": links, "blobs": sorted(blobs)}
+
+
+async def test_collect_garbage_grace_and_shared_blobs(store: MetadataStore) -> None:
+    started = time.time()
+    layer, config, orphan, shared = blob("layer"), blob("config"), blob("orphan"), blob("shared")
+    for row in (layer, config, orphan, shared):
+        await store.add_blob("app", row)
+    await store.add_blob("other", shared)
+    top, refs = image("top", layer, config)
+    await store.put_manifest("app", top, refs, ["v1"])
+    # "other" references the shared blob; app only links it (a pushed, unused layer).
+    user, user_refs = image("user", shared)
+    await store.put_manifest("other", user, user_refs, ["latest"])
+
+    nothing = {"manifests": [], "links": 0, "blobs": []}
+    assert await collect(store, started - 60, untagged=True) == nothing  # all in the grace
+    later = time.time() + 3600
+    # A dry run reports what a pass deletes, and deletes nothing.
+    expected = {"manifests": [], "links": 2, "blobs": [str(orphan.digest)]}
+    assert await collect(store, later, untagged=True, dry_run=True) == expected
+    assert await store.get_repo_blob("app", orphan.digest) == orphan
+    assert await collect(store, later, untagged=True, batch=1) == expected
+    assert await store.get_blob(orphan.digest) is None
+    assert await store.get_repo_blob("app", orphan.digest) is None
+    assert await store.get_repo_blob("app", shared.digest) is None  # its app link was stale
+    assert await store.get_repo_blob("other", shared.digest) == shared
+    for row in (layer, config):
+        assert await store.get_repo_blob("app", row.digest) == row
+    assert await collect(store, later, untagged=True) == nothing
+
+
+async def test_collect_garbage_untagged_manifests_and_index_children(
+    store: MetadataStore,
+) -> None:
+    layer, kept = blob("layer"), blob("kept")
+    await store.add_blob("app", layer)
+    await store.add_blob("app", kept)
+    one, one_refs = image("one", layer)
+    two, _ = image("two")
+    await store.put_manifest("app", one, one_refs, [])
+    await store.put_manifest("app", two, [], [])
+    index = ManifestRow(digest("index"), INDEX, b"{}")
+    children = [Reference(one.digest, True), Reference(two.digest, True)]
+    await store.put_manifest("app", index, children, [])  # untagged: garbage with its children
+    tagged, tagged_refs = image("tagged", kept)
+    await store.put_manifest("app", tagged, tagged_refs, ["v1"])
+    signature = manifest("signature", subject=tagged.digest)  # its subject exists: kept
+    await store.put_manifest("app", signature, [], [])
+    orphan_sig = manifest("orphan-signature", subject=index.digest)  # goes with the index
+    await store.put_manifest("app", orphan_sig, [], [])
+    cached, _ = image("cached")
+    await store.put_manifest("cache/lib", cached, [], [])  # skipped prefix
+
+    later = time.time() + 3600
+    assert await collect(store, later, untagged=False) == {
+        "manifests": [],
+        "links": 0,
+        "blobs": [],
+    }
+    gone = sorted(("app", str(m.digest)) for m in (index, one, two, orphan_sig))
+    expected = {"manifests": gone, "links": 1, "blobs": [str(layer.digest)]}
+    report = await collect(store, later, untagged=True, skip_prefixes=["cache/"], dry_run=True)
+    assert report == expected
+    assert await store.get_manifest("app", index.digest) == index
+    assert await collect(store, later, untagged=True, skip_prefixes=["cache/"]) == expected
+    for row in (index, one, two, orphan_sig):
+        assert await store.get_manifest("app", row.digest) is None
+    assert await store.missing_references("app", children) == children  # references gone too
+    for row in (tagged, signature):
+        assert await store.get_manifest("app", row.digest) == row
+    assert await store.get_manifest("cache/lib", cached.digest) == cached
+    assert await store.get_blob(layer.digest) is None
+    assert await store.get_repo_blob("app", kept.digest) == kept
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+async def test_record_pulls_and_expendable_tags(store: MetadataStore) -> None:
+    rows = {}
+    for tag in ("a", "b", "c"):
+        rows[tag] = manifest(tag)
+        await store.put_manifest("app", rows[tag], [], [tag])
+    names = [t.tag for t in await store.expendable_tags("app", 1, None)]
+    assert names == ["a", "b"]  # past the newest one, least recently pushed first
+    assert [t.tag for t in await store.expendable_tags("app", 5, None)] == []
+    pulled = time.time() + 100
+    await store.record_pulls([("app", rows["a"].digest, pulled)])
+    await store.record_pulls([("app", rows["a"].digest, pulled - 50)])  # older: ignored
+    kept = await store.expendable_tags("app", 1, pulled - 1)
+    assert [t.tag for t in kept] == ["b"]  # a was pulled since
+    assert [t.tag for t in await store.expendable_tags("app", 1, pulled + 1)] == ["a", "b"]
+    assert await store.expendable_tags("other", 0, None) == []
+
+
+async def test_a_pull_of_a_child_manifest_is_a_pull_of_its_index(store: MetadataStore) -> None:
+    child = manifest("child")
+    await store.put_manifest("app", child, [], [])
+    index = ManifestRow(digest("index"), INDEX, b"{}")
+    await store.put_manifest("app", index, [Reference(child.digest, True)], ["multi"])
+    await store.put_manifest("app", manifest("newer"), [], ["newer"])
+    pulled = time.time() + 100
+    await store.record_pulls([("app", child.digest, pulled), ("app", digest("unknown"), pulled)])
+    assert await store.expendable_tags("app", 1, pulled - 1) == []  # "multi" was used
+
+
+async def test_delete_tags_compare_and_set_and_prune(store: MetadataStore) -> None:
+    layer = blob("layer")
+    await store.add_blob("app", layer)
+    child, child_refs = image("child", layer)
+    await store.put_manifest("app", child, child_refs, [])
+    index = ManifestRow(digest("index"), INDEX, b"{}")
+    await store.put_manifest("app", index, [Reference(child.digest, True)], ["old"])
+    repushed = manifest("repushed")
+    await store.put_manifest("app", repushed, [], ["again"])
+    both = manifest("both")
+    await store.put_manifest("app", both, [], ["both-1", "both-2"])
+    await store.put_manifest("app", manifest("newest"), [], ["newest"])
+    listed = await store.expendable_tags("app", 1, None)
+    assert [t.tag for t in listed] == ["old", "again", "both-1", "both-2"]
+    await store.put_manifest("app", repushed, [], ["again"])  # pushed again since listed
+    deleted = await store.delete_tags("app", [t for t in listed if t.tag != "both-2"])
+    assert [t.tag for t in deleted] == ["old", "both-1"]
+    # The index went with its last tag, and its child with it; the blob is GC's to free.
+    assert await store.get_manifest("app", index.digest) is None
+    assert await store.get_manifest("app", child.digest) is None
+    assert await store.get_repo_blob("app", layer.digest) == layer
+    assert await store.get_tagged_manifest("app", "again") == repushed
+    assert await store.get_tagged_manifest("app", "both-2") == both  # still tagged: stays
+    assert await store.delete_tags("app", []) == []
+
+
+# -- the pull-through cache's eviction --------------------------------------------------------
+
+
+async def test_cache_usage_images_and_eviction(store: MetadataStore) -> None:
+    repo = "docker.io/library/alpine"
+    layer, shared, other = blob("layer", 100), blob("shared", 50), blob("ghcr", 7)
+    await store.add_blob(repo, layer)
+    await store.add_blob(repo, shared)
+    await store.add_blob("app", shared)  # also hosted: not cache bytes
+    await store.add_blob("ghcr.io/x/y", other)
+    await store.add_blob("docker.iox", blob("lookalike", 1000))  # not under docker.io/
+    top, refs = image("top", layer, shared)
+    await store.put_manifest(repo, top, refs, ["latest"])
+
+    usage = await store.cache_usage(["docker.io", "ghcr.io"], per_prefix=["docker.io"])
+    assert (usage.total, usage.by_prefix) == (107, {"docker.io": 100})
+    assert (await store.cache_usage([])).total == 0
+
+    later = time.time() + 3600
+    assert await store.cached_images("docker.io", time.time() - 3600, 10) == []
+    [found] = await store.cached_images("docker.io", later, 10)
+    assert (found.repo, found.digest, found.size) == (repo, top.digest, 150)
+    assert await store.cached_images("ghcr.io", later, 10) == []  # no manifest there
+
+    # Pulled after it was listed: not evicted.
+    await store.record_pulls([(repo, top.digest, found.last_used + 10)])
+    assert await store.evict_image(found) is None
+    assert await store.get_tagged_manifest(repo, "latest") == top
+    [found] = await store.cached_images("docker.io", later, 10)
+    assert found.last_used > 0
+    assert await store.evict_image(found) == sorted([layer.digest, shared.digest], key=str)
+    assert await store.get_manifest(repo, top.digest) is None
+    assert await store.tag_checked(repo, "latest") is None
+    assert await store.evict_image(found) is None  # already gone
+
+    # Its blobs: the one linked only from the cache goes; the hosted one stays.
+    cache = ["docker.io"]
+    assert await store.collect_cached_blobs(cache, later, {layer.digest}, 10) == []
+    assert await store.collect_cached_blobs(cache, later, set(), 10, candidates=[]) == []
+    assert await store.collect_cached_blobs(cache, time.time() - 3600, set(), 10) == []  # grace
+    assert await store.collect_cached_blobs(cache, later, set(), 10, dry_run=True) == [layer]
+    assert await store.get_blob(layer.digest) == layer
+    chosen = [layer.digest, shared.digest]
+    assert await store.collect_cached_blobs(cache, later, set(), 10, candidates=chosen) == [layer]
+    assert await store.get_blob(layer.digest) is None
+    assert await store.get_repo_blob(repo, layer.digest) is None
+    assert await store.get_repo_blob("app", shared.digest) == shared
+    assert await store.collect_cached_blobs(cache, later, set(), 10) == []
+
+
+async def test_forget_cached_blob(store: MetadataStore) -> None:
+    cached, hosted = blob("cached"), blob("hosted")
+    await store.add_blob("docker.io/lib/a", cached)
+    top, refs = image("top", cached)
+    await store.put_manifest("docker.io/lib/b", top, refs, ["latest"])
+    await store.add_blob("docker.io/lib/a", hosted)
+    await store.add_blob("app", hosted)
+    prefixes = ["docker.io/", "ghcr.io/"]
+    assert await store.forget_cached_blob(hosted.digest, prefixes) is None  # app uses it
+    assert await store.get_repo_blob("app", hosted.digest) == hosted
+    assert await store.forget_cached_blob(cached.digest, prefixes) == cached
+    assert await store.get_blob(cached.digest) is None
+    assert await store.get_repo_blob("docker.io/lib/a", cached.digest) is None
+    # The cached manifest stays: the next pull finds no blob row and fetches it again.
+    assert await store.get_manifest("docker.io/lib/b", top.digest) == top
+    assert await store.forget_cached_blob(cached.digest, prefixes) is None
+
+
+# -- the consistency check's listings ---------------------------------------------------------
+
+
+async def test_list_blobs_and_known_keys_and_uploads(store: MetadataStore) -> None:
+    rows = sorted((blob(seed) for seed in "abcde"), key=lambda row: str(row.digest))
+    for row in rows:
+        await store.add_blob("app", row)
+    assert await store.list_blobs("", 2) == rows[:2]
+    assert await store.list_blobs(str(rows[1].digest), 10) == rows[2:]
+    assert await store.list_blobs(str(rows[-1].digest), 10) == []
+    keys = [rows[0].storage_key, "blobs/unknown", rows[3].storage_key]
+    assert await store.known_blob_keys(keys) == {rows[0].storage_key, rows[3].storage_key}
+    assert await store.known_blob_keys([]) == set()
+    many = [f"blobs/none-{i}" for i in range(1200)] + [rows[4].storage_key]
+    assert await store.known_blob_keys(many) == {rows[4].storage_key}
+    await store.create_upload(upload("u1", 10.0))
+    await store.create_upload(upload("u2", 10.0))
+    assert await store.known_upload_ids(["u1", "nope", "u2"]) == {"u1", "u2"}
+    assert await store.known_upload_ids([]) == set()
+
+
+async def test_gc_racing_manifest_puts_never_leaves_a_dangling_reference(
+    open_store: OpenStore,
+) -> None:
+    """GC passes (everything stale) race pushes that check their references, from two stores
+    (two processes or replicas): a manifest is accepted only if its blob survives, else it is
+    refused with the blob reported missing; never accepted with its blob collected."""
+    pusher, collector = await open_store(), await open_store()
+    later = time.time() + 3600
+    for i in range(15):
+        layer = blob(f"race-{i}")
+        await pusher.add_blob("app", layer)
+        top, refs = image(f"race-{i}", layer)
+
+        async def gc_pass() -> None:
+            async for _ in collector.collect_garbage(later, untagged=False, batch=1):
+                pass
+
+        missing, _ = await asyncio.gather(
+            pusher.put_manifest("app", top, refs, [f"t{i}"], check_references=True), gc_pass()
+        )
+        await gc_pass()  # and once more after the push
+        stored = await pusher.get_manifest("app", top.digest)
+        if missing:
+            assert missing == refs and stored is None
+            assert await pusher.get_blob(layer.digest) is None
+        else:
+            assert stored == top
+            assert await pusher.get_repo_blob("app", layer.digest) == layer

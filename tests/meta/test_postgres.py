@@ -10,8 +10,10 @@ import asyncpg
 import pytest
 
 from regproxy.errors import Unavailable
+from regproxy.meta import postgres
 from regproxy.meta.base import BlobRow
-from regproxy.meta.postgres import PostgresMetadataStore
+from regproxy.meta.postgres import PostgresMetadataStore, _migrations
+from regproxy.meta.postgres import _migrations as postgres_migrations
 from regproxy.oci import Digest
 from tests.e2e.procs import free_port
 from tests.pgfixtures import PostgresServer
@@ -36,7 +38,68 @@ async def test_replicas_starting_together_migrate_once(postgres_server: Postgres
             versions = await conn.fetch("SELECT version FROM schema_version ORDER BY version")
         finally:
             await conn.close()
-        assert [row[0] for row in versions] == [1]
+        # Each shipped migration once, numbering gaps (0001, 0010) and all.
+        shipped = [version for version, _ in postgres_migrations()]
+        assert 10 in shipped
+        assert [row[0] for row in versions] == shipped
+    finally:
+        await postgres_server.drop_database(dsn)
+
+
+async def test_upgrade_from_the_first_schema_keeps_links_for_a_grace(
+    postgres_server: PostgresServer,
+) -> None:
+    """A database of version 1 (before GC): its links get the migration's time, so GC
+    gives them one full grace; manifests get no pull time."""
+    dsn = await postgres_server.create_database()
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(dict(_migrations())[1])
+            await conn.execute(
+                "CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                " applied DOUBLE PRECISION NOT NULL); INSERT INTO schema_version VALUES (1, 0)"
+            )
+            await conn.execute(
+                "INSERT INTO blobs VALUES ($1, 1, 'blobs/x', 0); INSERT INTO repository_blobs"
+                " VALUES ('app', $1)".replace("$1", f"'{ROW.digest}'")
+            )
+        finally:
+            await conn.close()
+        started = time.time()
+        store = await PostgresMetadataStore.open(dsn)
+        try:
+            row = await store.get_repo_blob("app", ROW.digest)
+            assert row == ROW
+            assert row.linked is not None and row.linked >= started - 1
+            batches = [b async for b in store.collect_garbage(started - 60, untagged=True)]
+            assert batches == []  # linked within the grace
+        finally:
+            await store.close()
+    finally:
+        await postgres_server.drop_database(dsn)
+
+
+async def test_migration_numbers_may_have_gaps(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration numbered past a gap (999 after the shipped ones) is applied once, last."""
+    dsn = await postgres_server.create_database()
+    real = _migrations()
+    monkeypatch.setattr(
+        postgres, "_migrations", lambda: [*real, (999, "CREATE TABLE gap_test (x INTEGER)")]
+    )
+    try:
+        for _ in range(2):
+            store = await PostgresMetadataStore.open(dsn)
+            await store.close()
+        conn = await asyncpg.connect(dsn)
+        try:
+            versions = await conn.fetch("SELECT version FROM schema_version ORDER BY version")
+            assert await conn.fetchval("SELECT count(*) FROM gap_test") == 0
+        finally:
+            await conn.close()
+        assert [row[0] for row in versions] == [*(version for version, _ in real), 999]
     finally:
         await postgres_server.drop_database(dsn)
 

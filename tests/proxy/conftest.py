@@ -82,7 +82,7 @@ def stored_file(client: Client, digest: str) -> Path | None:
     """The file in storage holding ``digest``'s bytes, if any."""
     hex_ = digest.split(":", 1)[1]
     for path in files_under(app_of(client)[CONFIG].data_path):
-        if path.name == hex_:
+        if path.name.partition(".")[0] == hex_:  # <hex>.<upload_id>
             return path
     return None
 

@@ -32,7 +32,7 @@ async def test_cached_images_and_usage(proxy: Client, upstream: FakeUpstream) ->
     await _pull_all(proxy, "fake/lib/tool", "2")
     await push_image(proxy, "team/hosted", "1")  # hosted: not part of any cache
 
-    rows = await meta_of(proxy).cached_images("fake")
+    rows = await meta_of(proxy).cached_tags("fake")
     app_blobs = {**amd64.blobs, **arm64.blobs}  # the shared layer once
     app_size = (
         len(index.manifest)
@@ -45,9 +45,9 @@ async def test_cached_images_and_usage(proxy: Client, upstream: FakeUpstream) ->
         ("fake/lib/app", "v1", index.digest, app_size),
         ("fake/lib/tool", "2", tool.digest, tool_size),
     ]
-    assert await meta_of(proxy).cached_images("other") == []
+    assert await meta_of(proxy).cached_tags("other") == []
 
-    blobs, size = await meta_of(proxy).cache_usage("fake")
+    blobs, size = await meta_of(proxy).cache_totals("fake")
     assert blobs == len(app_blobs) + len(tool.blobs)
     assert size == app_size + tool_size
 

@@ -182,8 +182,9 @@ async def test_resume_through_a_cdn_redirect(
 async def test_two_processes_fill_the_same_blob(
     make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    """Two apps on one data directory: the second finds the spool locked and fills with a
-    private one, which it never leaves behind; both serve the exact bytes."""
+    """Two apps on one data directory that both fill (the first one's lease was lost, see
+    regproxy.cluster): the second finds the spool locked and fills with a private one, which
+    it never leaves behind; both serve the exact bytes."""
     assert upstream.base_url is not None
     config = make_config(tmp_path, upstreams={"fake": {"url": str(upstream.base_url)}})
     first, second = await make_client(config), await make_client(config)
@@ -192,6 +193,10 @@ async def test_two_processes_fill_the_same_blob(
     pull_first = asyncio.create_task(get_body(first, f"{BLOB}/{digest}"))
     await asyncio.wait_for(upstream.first_sent.wait(), 10)
     upstream.first_sent.clear()
+    meta = app_of(first)[HOSTED].meta
+    lease = await meta.get_lease(f"blob:{digest}")
+    assert lease is not None
+    assert await meta.release_lease(lease.key, lease.owner)  # as if it had expired
     pull_second = asyncio.create_task(get_body(second, f"{BLOB}/{digest}"))
     await asyncio.wait_for(upstream.first_sent.wait(), 10)
     names = sorted(p.name for p in spool_dir(first).iterdir())
@@ -202,6 +207,28 @@ async def test_two_processes_fill_the_same_blob(
     await assert_cached(first, digest, data)
     await eventually(lambda: no_fill_running(second))
     assert leftover_files(second) == []
+
+
+async def test_a_second_process_follows_the_first_ones_fill(
+    make_client: MakeClient, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Two apps on one data directory (two workers): the second follows the first's fill
+    through its spool file, the upstream sends the blob once, both serve the exact bytes."""
+    assert upstream.base_url is not None
+    config = make_config(tmp_path, upstreams={"fake": {"url": str(upstream.base_url)}})
+    first, second = await make_client(config), await make_client(config)
+    digest, data = big_blob(upstream, 3 * MiB)
+    upstream.slow, upstream.slow_first = {digest}, MiB
+    pull_first = asyncio.create_task(get_body(first, f"{BLOB}/{digest}"))
+    await asyncio.wait_for(upstream.first_sent.wait(), 10)
+    resp = await second.get(f"{BLOB}/{digest}")
+    assert resp.status == 200
+    assert resp.content_length == len(data)
+    upstream.release.set()
+    assert await resp.read() == data
+    assert await pull_first == data
+    assert upstream.count("GET", f"/v2/{REPO}/blobs/{digest}") == 1
+    await assert_cached(second, digest, data)
 
 
 @pytest.mark.parametrize("extra", [0, 10])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -295,4 +296,43 @@ async def test_uploads_are_independent(store: BlobStore, backend: Backend) -> No
     assert key_a != key_b
     assert await read_all(store, key_a, 0, len(a.data)) == a.data
     assert await read_all(store, key_b, 0, len(b.data)) == b.data
+    assert await backend.leftovers(store) == []
+
+
+async def test_listing_for_the_orphan_sweep(store: BlobStore, backend: Backend) -> None:
+    """Committed blobs and the objects of uploads in progress are listed with their upload."""
+    done = Upload()
+    await done.request(store, [])
+    key = await done.commit(store, [b"a committed blob"])
+    pending = Upload()
+    await pending.request(store, pieces(100))
+    started = time.time()
+
+    blobs = [obj async for obj in store.list_blobs()]
+    assert [(obj.key, obj.size, obj.upload_id) for obj in blobs] == [(key, 16, done.id)]
+    assert abs(blobs[0].mtime - started) < 120
+    assert await store.stat(key) == 16
+    objects = [obj async for obj in store.list_upload_objects()]
+    assert objects and {obj.upload_id for obj in objects} == {pending.id}
+
+    for obj in objects:
+        await store.delete_upload_object(obj)
+    assert [obj async for obj in store.list_upload_objects()] == []
+    assert await backend.leftovers(store) == []
+    await store.delete(key)
+    assert await store.stat(key) is None
+    assert [obj async for obj in store.list_blobs()] == []
+
+
+async def test_listing_shows_unfinished_multipart_uploads(
+    store: BlobStore, backend: Backend
+) -> None:
+    upload = Upload()
+    await upload.request(store, pieces(6 * MiB))  # a part, so a multipart upload exists
+    objects = [obj async for obj in store.list_upload_objects()]
+    assert {obj.upload_id for obj in objects} == {upload.id}
+    if backend.name == "s3":
+        assert any(obj.multipart is not None for obj in objects)
+    for obj in objects:
+        await store.delete_upload_object(obj)
     assert await backend.leftovers(store) == []

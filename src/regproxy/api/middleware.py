@@ -4,6 +4,7 @@ count of requests in flight that a shutdown waits for."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ from regproxy.errors import (
     NotFound,
     RegistryError,
     SizeInvalid,
+    StorageFull,
     TagInvalid,
     Unsupported,
 )
@@ -110,10 +112,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         # The client went away mid-request; whatever it sent was rolled back.
         log.info("client disconnected during %s %s: %s", request.method, request.path, exc)
         return error_response(BlobUploadInvalid("the connection was lost mid-request"))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.warning("storage full during %s %s: %s", request.method, request.path, exc)
+            return error_response(StorageFull(f"the registry's storage is full: {exc.strerror}"))
+        return _internal_error(request)
     except Exception:
-        log.exception("unexpected error in %s %s", request.method, request.path)
-        body = {"errors": [{"code": "UNKNOWN", "message": "internal server error"}]}
-        return web.json_response(body, status=500)
+        return _internal_error(request)
+
+
+def _internal_error(request: web.Request) -> web.Response:
+    log.exception("unexpected error in %s %s", request.method, request.path)
+    body = {"errors": [{"code": "UNKNOWN", "message": "internal server error"}]}
+    return web.json_response(body, status=500)
 
 
 class InFlight:

@@ -7,7 +7,9 @@ from typing import Final
 from aiohttp import web
 
 from regproxy.api import base, blobs, catalog, manifests, ops, referrers, tags, uploads
+from regproxy.api.keys import CONFIG
 from regproxy.auth import handlers as token
+from regproxy.cluster import peer
 from regproxy.web import pages as ui
 
 NAME = "{name:.+?}"
@@ -44,6 +46,8 @@ ROUTE_ACCESS: Final[dict[tuple[str, str], tuple[str, ...]]] = {
     ("DELETE", f"{_N}/blobs/uploads/{{upload_id}}"): ("push",),
     ("GET", f"{_N}/blobs/{{digest}}"): ("pull",),
     ("DELETE", f"{_N}/blobs/{{digest}}"): ("delete",),
+    # Only with cluster.secret; the handler checks the request's HMAC itself.
+    ("GET", peer.FILLS_PATH): (OPEN,),
     # The web UI signs its users in with its own cookie (web/session.py) and checks pull
     # rights per repository itself: each page shows only what its user may pull.
     ("GET", "/ui"): (OPEN,),
@@ -110,6 +114,8 @@ def add_routes(app: web.Application) -> None:
     r.add_head(blob, blobs.head_blob)
     r.add_delete(blob, blobs.delete_blob)
 
+    if app[CONFIG].cluster.secret:  # other replicas follow this one's fills
+        r.add_get(peer.FILLS_PATH, peer.get_fill, allow_head=False)
     # The web UI (read-only). "/-/" cannot occur in a repository name, so it ends one.
     r.add_get("/ui", ui.redirect_to_ui, name="ui_root")
     r.add_get("/ui/", ui.list_repositories, name="ui_repositories")

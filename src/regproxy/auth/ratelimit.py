@@ -4,14 +4,17 @@ After ``max_failures`` failed logins for one (address, user) within ``window`` s
 pair is locked out until the window ends, right password or not; one address gets
 ``address_factor`` times as many failures across all users before it is locked out as a whole.
 The tables keep the most recently active ``max_entries`` keys; older ones are forgotten.
+``SharedLoginLimiter`` counts the same in the metadata store, for every replica.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass
@@ -73,3 +76,63 @@ class LoginLimiter:
 
     def succeeded(self, address: str, user: str) -> None:
         self._windows.pop((address, user), None)
+
+
+class SharedLoginLimiter:
+    """The same limits, counted in the metadata store, so a failure on one replica (or
+    worker) counts on all. A login costs one read; only failures write (two upserts, which
+    also prune the windows that ended), and a success after failures one delete. Windows
+    run on the wall clock, which the replicas share."""
+
+    def __init__(
+        self,
+        meta: LoginFailureStore,
+        max_failures: int = 5,
+        window: float = 60.0,
+        *,
+        address_factor: int = 4,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.meta = meta
+        self.max_failures = max_failures
+        self.window = window
+        self.address_limit = max_failures * address_factor
+        self._clock = clock
+
+    @staticmethod
+    def _keys(address: str, user: str) -> tuple[str, str]:
+        # The name as typed may be anything (a password in the wrong field): only a digest.
+        named = hashlib.sha256(user.encode("utf-8", "replace")).hexdigest()[:32]
+        return f"{address}/{named}", address
+
+    async def retry_after(self, address: str, user: str) -> float:
+        pair, whole = self._keys(address, user)
+        now = self._clock()
+        found = await self.meta.login_failures([pair, whole], now, self.window)
+        wait = 0.0
+        for key, limit in ((pair, self.max_failures), (whole, self.address_limit)):
+            if key in found and found[key][1] >= limit:
+                wait = max(wait, found[key][0] + self.window - now)
+        return wait
+
+    async def failed(self, address: str, user: str) -> None:
+        now = self._clock()
+        for key in self._keys(address, user):
+            await self.meta.add_login_failure(key, now, self.window)
+
+    async def succeeded(self, address: str, user: str) -> None:
+        pair, _ = self._keys(address, user)
+        if await self.meta.login_failures([pair], self._clock(), self.window):
+            await self.meta.clear_login_failures(pair)
+
+
+class LoginFailureStore(Protocol):
+    """The part of the MetadataStore the shared limiter uses."""
+
+    async def add_login_failure(self, key: str, now: float, window: float) -> int: ...
+
+    async def login_failures(
+        self, keys: Sequence[str], now: float, window: float
+    ) -> dict[str, tuple[float, int]]: ...
+
+    async def clear_login_failures(self, key: str) -> None: ...

@@ -29,7 +29,7 @@ from typing import Final
 from aiohttp import web
 
 from regproxy import oci
-from regproxy.auth.ratelimit import LoginLimiter
+from regproxy.auth.ratelimit import LoginLimiter, SharedLoginLimiter
 from regproxy.auth.rules import (
     ALL_ACTIONS,
     DEFAULT_RULES,
@@ -122,6 +122,8 @@ class Authenticator:
         self.tokens = tokens
         self.limiter = limiter
         self.realm = realm
+        # Failures counted for all replicas too, once the metadata store is open (app.py).
+        self.shared_limiter: SharedLoginLimiter | None = None
         # Counts refused logins (registry_auth_login_failures_total); create_app sets it.
         self.metrics: Metrics | None = None
 
@@ -151,6 +153,8 @@ class Authenticator:
         """``user`` if ``password`` is right; 401 if not, 429 after too many failures."""
         address = request.remote or "-"
         wait = self.limiter.retry_after(address, user)
+        if wait <= 0 and self.shared_limiter is not None:
+            wait = await self.shared_limiter.retry_after(address, user)
         if wait > 0:
             log.warning("login refused: too many failures from %s", address)
             if self.metrics is not None:
@@ -161,8 +165,12 @@ class Authenticator:
             )
         if await asyncio.to_thread(self.users.verify, user, password):
             self.limiter.succeeded(address, user)
+            if self.shared_limiter is not None:
+                await self.shared_limiter.succeeded(address, user)
             return user
         self.limiter.failed(address, user)
+        if self.shared_limiter is not None:
+            await self.shared_limiter.failed(address, user)
         if self.metrics is not None:
             self.metrics.login_failed("password")
         # The name may be a password typed into the wrong field: log it only if it is a user.

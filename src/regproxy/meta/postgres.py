@@ -15,10 +15,19 @@ itself when it is back.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, TypeVar
@@ -29,10 +38,16 @@ from regproxy import oci
 from regproxy.errors import Unavailable
 from regproxy.meta.base import (
     BlobRow,
+    CachedImage,
+    CacheUsage,
+    GarbageBatch,
+    GarbageManifest,
     ImageSummary,
+    LeaseRow,
     ManifestRow,
     Reference,
     RepositorySummary,
+    TagRow,
     TagSummary,
     UploadRow,
 )
@@ -52,6 +67,7 @@ _WRITE_ATTEMPTS = 12
 _FIRST_BACKOFF = 0.002
 _MANIFEST_COLUMNS = "m.digest, m.media_type, m.content, m.subject, m.artifact_type"
 _UPLOAD_COLUMNS = 'id, repo, algorithm, "offset", state, started, updated'
+_LEASE_COLUMNS = "key, owner, host, url, spool, size, started, expires"
 # What a lost or unreachable database looks like: connection refused or reset, a timeout,
 # a server shutting down or starting up, too many connections, a connection asyncpg closed
 # or left in a broken state (the server ended the session while it was idle).
@@ -63,6 +79,47 @@ _OUTAGE: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+)
+
+# -- the garbage rules: sqlite.py's, in PostgreSQL's dialect --------------------------------
+# A blob (alias b) is unused when no manifest of any repository references it, no repository
+# linked it since $1 (pushed, mounted, or confirmed by a HEAD/GET), and its row is older than
+# $1. Every query that uses a rule binds ``before`` as $1.
+_BLOB_UNUSED = (
+    "NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.child = b.digest)"
+    " AND NOT EXISTS (SELECT 1 FROM repository_blobs l"
+    "   WHERE l.digest = b.digest AND l.linked >= $1)"
+    " AND b.created < $1"
+)
+# A manifest (alias m) is garbage, when untagged manifests are collected, if no tag names it,
+# no index of its repository lists it, it is not a referrer of a subject manifest that exists
+# in its repository, and it is older than $1.
+_MANIFEST_UNUSED = (
+    "NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)"
+    " AND NOT EXISTS (SELECT 1 FROM manifest_references r"
+    "   WHERE r.child = m.digest AND r.repo = m.repo AND r.is_manifest)"
+    " AND (m.subject IS NULL OR NOT EXISTS (SELECT 1 FROM manifests s"
+    "   WHERE s.repo = m.repo AND s.digest = m.subject))"
+    " AND m.created < $1"
+)
+# A link (alias l) is stale when no manifest of its repository references the blob and it was
+# not refreshed since $1.
+_LINK_STALE = (
+    "l.linked < $1 AND NOT EXISTS (SELECT 1 FROM manifest_references r"
+    "   WHERE r.child = l.digest AND r.repo = l.repo)"
+)
+# Rounds over the manifests while a round still finds garbage (as in sqlite.py).
+_MANIFEST_ROUNDS = 10
+# When a cached image (alias m) was last used, and the bytes of the blobs an image (alias c)
+# and the manifests it lists reference (as in sqlite.py).
+_IMAGE_USED = "coalesce(m.last_pulled, m.created)"
+_IMAGE_SIZE = (
+    "(SELECT coalesce(sum(b.size), 0) FROM blobs b WHERE b.digest IN ("
+    " SELECT r.child FROM manifest_references r"
+    " WHERE r.repo = c.repo AND r.digest = c.digest AND NOT r.is_manifest"
+    " UNION SELECT r2.child FROM manifest_references r1 CROSS JOIN manifest_references r2"
+    " WHERE r1.repo = c.repo AND r1.digest = c.digest AND r1.is_manifest"
+    " AND r2.repo = r1.repo AND r2.digest = r1.child AND NOT r2.is_manifest))"
 )
 
 
@@ -95,6 +152,11 @@ def _manifest(row: Any) -> ManifestRow:
 
 def _blob(row: Any) -> BlobRow:
     return BlobRow(Digest.parse(row[0]), row[1], row[2])
+
+
+def _lease(row: Any) -> LeaseRow:
+    key, owner, host, url, spool, size, started, expires = row
+    return LeaseRow(key, owner, host, url, spool, size, float(started), float(expires))
 
 
 def _upload(row: Any) -> UploadRow:
@@ -186,9 +248,11 @@ class PostgresMetadataStore:
                 "CREATE TABLE IF NOT EXISTS schema_version ("
                 " version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)"
             )
-            current = await db.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            applied = {row[0] for row in await db.fetch("SELECT version FROM schema_version")}
             for version, script in _migrations():
-                if version > current:
+                # Each one not applied yet, also below the highest applied (numbers have gaps
+                # that branches fill in independently).
+                if version not in applied:
                     await db.execute(script)  # no arguments: several statements at once
                     await db.execute(
                         "INSERT INTO schema_version (version, applied) VALUES ($1, $2)",
@@ -205,9 +269,15 @@ class PostgresMetadataStore:
             async with self._pool.acquire(timeout=self._timeout) as db:
                 try:
                     yield db
+                except asyncpg.exceptions.DiskFullError:
+                    raise  # the server is fine and so is the connection
                 except _OUTAGE:
                     db.terminate()  # never reused: the pool opens a new connection instead
                     raise
+        except asyncpg.exceptions.DiskFullError as exc:
+            # The same error as a full disk under the blobs (as sqlite.py's SQLITE_FULL):
+            # callers handle one kind.
+            raise OSError(errno.ENOSPC, "the metadata database's disk is full") from exc
         except _OUTAGE as exc:
             log.warning("metadata store unavailable: %s", describe_error(exc))
             raise Unavailable("the metadata store is unavailable") from exc
@@ -248,20 +318,24 @@ class PostgresMetadataStore:
 
     async def get_repo_blob(self, repo: str, digest: Digest) -> BlobRow | None:
         row = await self._one(
-            "SELECT b.digest, b.size, b.storage_key FROM repository_blobs r"
+            "SELECT b.digest, b.size, b.storage_key, r.linked FROM repository_blobs r"
             " JOIN blobs b ON b.digest = r.digest WHERE r.repo = $1 AND r.digest = $2",
             repo,
             str(digest),
         )
-        return _blob(row) if row else None
+        return BlobRow(Digest.parse(row[0]), row[1], row[2], row[3]) if row else None
 
     async def blob_repositories(self, digest: Digest) -> list[str]:
         rows = await self._all(
-            "SELECT repo FROM repository_blobs WHERE digest = $1 ORDER BY repo", str(digest)
+            "SELECT repo FROM repository_blobs WHERE digest = $1"
+            " UNION SELECT repo FROM manifest_references WHERE child = $1 ORDER BY 1",
+            str(digest),
         )
         return [row[0] for row in rows]
 
     async def add_blob(self, repo: str, blob: BlobRow) -> BlobRow:
+        now = time.time()
+
         async def work(db: Connection) -> Any:
             await db.execute(
                 "INSERT INTO blobs (digest, size, storage_key, created)"
@@ -269,13 +343,14 @@ class PostgresMetadataStore:
                 str(blob.digest),
                 blob.size,
                 blob.storage_key,
-                time.time(),
+                now,
             )
             await db.execute(
-                "INSERT INTO repository_blobs (repo, digest) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING",
+                "INSERT INTO repository_blobs (repo, digest, linked) VALUES ($1, $2, $3)"
+                " ON CONFLICT (repo, digest) DO UPDATE SET linked = excluded.linked",
                 repo,
                 str(blob.digest),
+                now,
             )
             return await db.fetchrow(
                 "SELECT digest, size, storage_key FROM blobs WHERE digest = $1", str(blob.digest)
@@ -283,16 +358,38 @@ class PostgresMetadataStore:
 
         return _blob(await self._transaction(work))
 
-    async def link_blob(self, repo: str, digest: Digest) -> None:
-        async def work(db: Connection) -> None:
-            await db.execute(
-                "INSERT INTO repository_blobs (repo, digest)"
-                " SELECT $1, digest FROM blobs WHERE digest = $2 ON CONFLICT DO NOTHING",
-                repo,
-                str(digest),
+    async def link_blob(self, repo: str, digest: Digest) -> bool:
+        now = time.time()
+
+        # The blob's row is read in the same serializable transaction as the link is written:
+        # a GC pass deleting the row at the same time conflicts, and one of the two is retried.
+        async def work(db: Connection) -> int:
+            return _count(
+                await db.execute(
+                    "INSERT INTO repository_blobs (repo, digest, linked)"
+                    " SELECT $1, digest, $3 FROM blobs WHERE digest = $2"
+                    " ON CONFLICT (repo, digest) DO UPDATE SET linked = excluded.linked",
+                    repo,
+                    str(digest),
+                    now,
+                )
             )
 
-        await self._transaction(work)
+        return await self._transaction(work) > 0
+
+    async def touch_link(self, repo: str, digest: Digest, now: float) -> bool:
+        async def work(db: Connection) -> int:
+            return _count(
+                await db.execute(
+                    "UPDATE repository_blobs SET linked = GREATEST(linked, $1)"
+                    " WHERE repo = $2 AND digest = $3",
+                    now,
+                    repo,
+                    str(digest),
+                )
+            )
+
+        return await self._transaction(work) > 0
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
         async def work(db: Connection) -> int:
@@ -343,14 +440,27 @@ class PostgresMetadataStore:
         return _manifest(row) if row else None
 
     async def put_manifest(
-        self, repo: str, manifest: ManifestRow, refs: Sequence[Reference], tags: Sequence[str]
-    ) -> None:
+        self,
+        repo: str,
+        manifest: ManifestRow,
+        refs: Sequence[Reference],
+        tags: Sequence[str],
+        *,
+        check_references: bool = False,
+    ) -> list[Reference]:
         now = time.time()
         digest = str(manifest.digest)
         # One row per tag, in one order for every writer (no deadlock between two pushes).
         tag_list = sorted(set(tags))
+        ref_list = list(refs)
 
-        async def work(db: Connection) -> None:
+        async def work(db: Connection) -> list[Reference]:
+            if check_references:
+                # In the write transaction: a GC pass that deletes a blob this check found
+                # conflicts with the insert of the references that keep it alive.
+                missing = await _missing_references(db, repo, ref_list)
+                if missing:
+                    return missing
             await db.execute(
                 "INSERT INTO manifests"
                 " (repo, digest, media_type, content, subject, artifact_type, created)"
@@ -385,8 +495,9 @@ class PostgresMetadataStore:
                     now,
                     tag_list,
                 )
+            return []
 
-        await self._transaction(work)
+        return await self._transaction(work)
 
     async def delete_manifest(self, repo: str, digest: Digest) -> bool:
         key = str(digest)
@@ -453,6 +564,148 @@ class PostgresMetadataStore:
         rows = await self._all(sql + " ORDER BY m.digest", *params)
         return [_manifest(row) for row in rows]
 
+    # -- garbage collection and checks --------------------------------------------------------
+
+    async def collect_garbage(
+        self,
+        before: float,
+        *,
+        untagged: bool,
+        skip_prefixes: Sequence[str] = (),
+        batch: int = 500,
+        dry_run: bool = False,
+    ) -> AsyncGenerator[GarbageBatch, None]:
+        if dry_run:
+            # One transaction, rolled back: what later stages would find includes what the
+            # earlier ones "deleted" (a deleted manifest frees its blobs). Its row locks keep
+            # writers of those rows waiting until the pass ends, as SQLite's write lock does.
+            async with self._connection() as db:
+                transaction = db.transaction()
+                await transaction.start()
+                try:
+                    async for found in self._collect(db, before, untagged, skip_prefixes, batch):
+                        yield found
+                finally:
+                    await transaction.rollback()
+            return
+        async for found in self._collect(None, before, untagged, skip_prefixes, batch):
+            yield found
+
+    async def _collect(
+        self,
+        db: Connection | None,
+        before: float,
+        untagged: bool,
+        skip_prefixes: Sequence[str],
+        batch: int,
+    ) -> AsyncIterator[GarbageBatch]:
+        """Each stage pages through candidates, ``batch`` at a time, in key order.
+
+        Outside a dry run, candidates are found by a plain read, then a serializable write
+        transaction applies the same rule again to just those rows and deletes what still
+        matches: the decision that counts and the deletion are one transaction, which
+        conflicts with (and so sees, or is retried after) a concurrent push or mount.
+        """
+        Run = Callable[[Connection, Any, int, list[Any] | None, bool], Awaitable[list[Any]]]
+
+        async def stage(run: Run) -> AsyncIterator[list[Any]]:
+            after: Any = ("", "")
+            while True:
+                if db is not None:  # dry run: one transaction for the whole pass
+                    found = await run(db, after, batch, None, True)
+                    if not found:
+                        return
+                    after = found[-1][0]
+                    yield [row[1] for row in found]
+                    continue
+                async with self._connection() as conn:
+                    candidates = await run(conn, after, batch, None, False)
+                if not candidates:
+                    return
+                after = candidates[-1][0]
+                keys = [c[0] for c in candidates]
+
+                async def work(conn: Connection, keys: list[Any] = keys) -> list[Any]:
+                    return await run(conn, ("", ""), len(keys), keys, True)
+
+                found = await self._transaction(work)
+                if found:
+                    yield [row[1] for row in found]
+
+        async def manifests(
+            conn: Connection, after: Any, limit: int, only: list[Any] | None, delete: bool
+        ) -> list[Any]:
+            return await _gc_manifests(conn, before, skip_prefixes, after, limit, only, delete)
+
+        async def links(
+            conn: Connection, after: Any, limit: int, only: list[Any] | None, delete: bool
+        ) -> list[Any]:
+            return await _gc_links(conn, before, after, limit, only, delete)
+
+        async def blobs(
+            conn: Connection, after: Any, limit: int, only: list[Any] | None, delete: bool
+        ) -> list[Any]:
+            return await _gc_blobs(conn, before, after[1], limit, only, delete)
+
+        for _ in range(_MANIFEST_ROUNDS if untagged else 0):
+            found_any = False
+            async for found in stage(manifests):
+                found_any = True
+                yield GarbageBatch(found, 0, [])
+            if not found_any:
+                break
+        async for found in stage(links):
+            yield GarbageBatch([], len(found), [])
+        async for found in stage(blobs):
+            yield GarbageBatch([], 0, found)
+
+    async def list_blobs(self, after: str, limit: int) -> list[BlobRow]:
+        rows = await self._all(
+            "SELECT digest, size, storage_key FROM blobs WHERE digest > $1"
+            " ORDER BY digest LIMIT $2",
+            after,
+            limit,
+        )
+        return [_blob(row) for row in rows]
+
+    async def known_blob_keys(self, keys: Sequence[str]) -> set[str]:
+        if not keys:
+            return set()
+        rows = await self._all(
+            "SELECT storage_key FROM blobs WHERE storage_key = ANY($1::text[])", list(keys)
+        )
+        return {row[0] for row in rows}
+
+    async def known_upload_ids(self, upload_ids: Sequence[str]) -> set[str]:
+        if not upload_ids:
+            return set()
+        rows = await self._all(
+            "SELECT id FROM uploads WHERE id = ANY($1::text[])", list(upload_ids)
+        )
+        return {row[0] for row in rows}
+
+    async def forget_cached_blob(self, digest: Digest, prefixes: Sequence[str]) -> BlobRow | None:
+        key = str(digest)
+        under = tuple(prefixes)
+
+        async def work(db: Connection) -> Any:
+            row = await db.fetchrow(
+                "SELECT digest, size, storage_key FROM blobs WHERE digest = $1", key
+            )
+            users = await db.fetch(
+                "SELECT repo FROM repository_blobs WHERE digest = $1"
+                " UNION SELECT repo FROM manifest_references WHERE child = $1",
+                key,
+            )
+            if row is None or any(not user[0].startswith(under) for user in users):
+                return None
+            await db.execute("DELETE FROM repository_blobs WHERE digest = $1", key)
+            await db.execute("DELETE FROM blobs WHERE digest = $1", key)
+            return row
+
+        row = await self._transaction(work)
+        return _blob(row) if row else None
+
     # -- uploads ------------------------------------------------------------------------------
 
     async def create_upload(self, upload: UploadRow) -> None:
@@ -509,12 +762,106 @@ class PostgresMetadataStore:
         rows = await self._all(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE updated < $1", before)
         return [_upload(row) for row in rows]
 
+    # -- leases -------------------------------------------------------------------------------
+
+    async def acquire_lease(self, lease: LeaseRow, now: float) -> LeaseRow:
+        async def work(db: Connection) -> Any:
+            # Inserted, or taken over when expired; else the row in place is returned.
+            taken = await db.fetchrow(
+                f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                " ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, host = EXCLUDED.host,"
+                " url = EXCLUDED.url, spool = EXCLUDED.spool, size = EXCLUDED.size,"
+                " started = EXCLUDED.started, expires = EXCLUDED.expires"
+                f" WHERE leases.expires < $9 RETURNING {_LEASE_COLUMNS}",
+                lease.key,
+                lease.owner,
+                lease.host,
+                lease.url,
+                lease.spool,
+                lease.size,
+                lease.started,
+                lease.expires,
+                now,
+            )
+            if taken is not None:
+                return taken
+            return await db.fetchrow(
+                f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = $1", lease.key
+            )
+
+        return _lease(await self._transaction(work))
+
+    async def renew_lease(
+        self, key: str, owner: str, expires: float, *, spool: str = "", size: int | None = None
+    ) -> bool:
+        async def work(db: Connection) -> int:
+            return _count(
+                await db.execute(
+                    "UPDATE leases SET expires = $1,"
+                    " spool = CASE WHEN $2 = '' THEN spool ELSE $2 END,"
+                    " size = coalesce($3, size) WHERE key = $4 AND owner = $5",
+                    expires,
+                    spool,
+                    size,
+                    key,
+                    owner,
+                )
+            )
+
+        return await self._transaction(work) > 0
+
+    async def get_lease(self, key: str) -> LeaseRow | None:
+        row = await self._one(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = $1", key)
+        return _lease(row) if row else None
+
+    async def release_lease(self, key: str, owner: str) -> bool:
+        async def work(db: Connection) -> int:
+            return _count(
+                await db.execute("DELETE FROM leases WHERE key = $1 AND owner = $2", key, owner)
+            )
+
+        return await self._transaction(work) > 0
+
+    # -- failed logins ------------------------------------------------------------------------
+
+    async def add_login_failure(self, key: str, now: float, window: float) -> int:
+        async def work(db: Connection) -> int:
+            await db.execute("DELETE FROM login_failures WHERE started <= $1", now - window)
+            return int(
+                await db.fetchval(
+                    "INSERT INTO login_failures (key, started, failures) VALUES ($1, $2, 1)"
+                    " ON CONFLICT (key) DO UPDATE SET failures = login_failures.failures + 1"
+                    " RETURNING failures",
+                    key,
+                    now,
+                )
+            )
+
+        return await self._transaction(work)
+
+    async def login_failures(
+        self, keys: Sequence[str], now: float, window: float
+    ) -> dict[str, tuple[float, int]]:
+        rows = await self._all(
+            "SELECT key, started, failures FROM login_failures"
+            " WHERE key = ANY($1::text[]) AND started > $2",
+            list(keys),
+            now - window,
+        )
+        return {row[0]: (float(row[1]), int(row[2])) for row in rows}
+
+    async def clear_login_failures(self, key: str) -> None:
+        async def work(db: Connection) -> None:
+            await db.execute("DELETE FROM login_failures WHERE key = $1", key)
+
+        await self._transaction(work)
+
     # -- operations: metrics, readiness, `regproxy cache ls` ----------------------------------
 
     async def ping(self) -> None:
         await self._one("SELECT 1")
 
-    async def cache_usage(self, prefix: str) -> tuple[int, int]:
+    async def cache_totals(self, prefix: str) -> tuple[int, int]:
         low, high = _prefix_range(prefix)
         row = await self._one(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs WHERE digest IN"
@@ -534,7 +881,7 @@ class PostgresMetadataStore:
         row = await self._one("SELECT COUNT(*) FROM uploads")
         return int(row[0])
 
-    async def cached_images(self, prefix: str) -> list[ImageSummary]:
+    async def cached_tags(self, prefix: str) -> list[ImageSummary]:
         low, high = _prefix_range(prefix)
         rows = await self._all(
             "WITH RECURSIVE reach(root_repo, root_tag, repo, digest) AS ("
@@ -643,9 +990,364 @@ class PostgresMetadataStore:
         )
         return [row[0] for row in rows]
 
+    # -- retention and cache eviction ---------------------------------------------------------
+
+    async def record_pulls(self, pulls: Sequence[tuple[str, Digest, float]]) -> None:
+        if not pulls:
+            return
+        # In one order for every writer: two flushes never wait on each other's rows.
+        rows = sorted((repo, str(digest), at) for repo, digest, at in pulls)
+
+        async def work(db: Connection) -> None:
+            await db.executemany(
+                "UPDATE manifests SET last_pulled = $3 WHERE repo = $1 AND digest = $2"
+                " AND (last_pulled IS NULL OR last_pulled < $3)",
+                rows,
+            )
+            # A pull of one platform's manifest is a pull of the indexes that list it.
+            await db.executemany(
+                "UPDATE manifests SET last_pulled = $3 WHERE repo = $1 AND digest IN"
+                " (SELECT r.digest FROM manifest_references r WHERE r.repo = $1"
+                "  AND r.child = $2 AND r.is_manifest)"
+                " AND (last_pulled IS NULL OR last_pulled < $3)",
+                rows,
+            )
+
+        await self._transaction(work)
+
+    async def expendable_tags(
+        self, repo: str, keep_last: int, pulled_before: float | None
+    ) -> list[TagRow]:
+        # A tag is used when it was pushed or its manifest pulled (by tag or by digest).
+        rows = await self._all(
+            "WITH ranked AS (SELECT t.tag, t.digest, t.updated,"
+            "   GREATEST(t.updated, coalesce(m.last_pulled, 0)) AS used,"
+            "   row_number() OVER (ORDER BY t.updated DESC, t.tag DESC) AS recency"
+            "   FROM tags t LEFT JOIN manifests m ON m.repo = t.repo AND m.digest = t.digest"
+            "   WHERE t.repo = $1)"
+            " SELECT tag, digest, updated FROM ranked WHERE recency > $2"
+            " AND ($3::float8 IS NULL OR used < $3::float8) ORDER BY updated, tag",
+            repo,
+            keep_last,
+            pulled_before,
+        )
+        return [TagRow(repo, row[0], Digest.parse(row[1]), row[2]) for row in rows]
+
+    async def delete_tags(self, repo: str, tags: Sequence[TagRow]) -> list[TagRow]:
+        wanted = list(tags)
+        if not wanted:
+            return []
+
+        async def work(db: Connection) -> set[tuple[str, str]]:
+            # Compare-and-set on the push time: a tag pushed again since it was listed stays.
+            rows = await db.fetch(
+                "DELETE FROM tags t USING unnest($2::text[], $3::text[], $4::float8[])"
+                " AS d(tag, digest, pushed) WHERE t.repo = $1 AND t.tag = d.tag"
+                " AND t.digest = d.digest AND t.updated = d.pushed RETURNING t.tag, t.digest",
+                repo,
+                [tag.tag for tag in wanted],
+                [str(tag.digest) for tag in wanted],
+                [tag.pushed for tag in wanted],
+            )
+            gone = {(row[0], row[1]) for row in rows}
+            await _prune_manifests(db, repo, {digest for _, digest in gone})
+            return gone
+
+        gone = await self._transaction(work)
+        return [tag for tag in wanted if (tag.tag, str(tag.digest)) in gone]
+
+    async def cache_usage(
+        self, prefixes: Sequence[str], *, per_prefix: Sequence[str] = ()
+    ) -> CacheUsage:
+        if not prefixes:
+            return CacheUsage(0, {})
+        # Blobs linked from a cache repository and from no other one.
+        only_cached = (
+            "SELECT coalesce(sum(b.size), 0) FROM blobs b WHERE b.digest IN"
+            " (SELECT o.digest FROM repository_blobs o WHERE {inside})"
+            " AND NOT EXISTS (SELECT 1 FROM repository_blobs o"
+            "   WHERE o.digest = b.digest AND NOT ({inside}))"
+        )
+        inside, params = _cached_ranges(prefixes, "o", 1)
+        total = await self._one(only_cached.format(inside=inside), *params)
+        by_prefix = {}
+        for prefix in per_prefix:
+            inside, params = _cached_ranges([prefix], "o", 1)
+            row = await self._one(only_cached.format(inside=inside), *params)
+            by_prefix[prefix] = int(row[0])
+        return CacheUsage(int(total[0]), by_prefix)
+
+    async def cached_images(self, prefix: str, used_before: float, limit: int) -> list[CachedImage]:
+        low, high = _under(prefix)
+        rows = await self._all(
+            f"WITH roots AS (SELECT m.repo, m.digest, {_IMAGE_USED} AS used FROM manifests m"
+            "   WHERE m.repo >= $1 AND m.repo < $2 AND NOT EXISTS (SELECT 1"
+            "   FROM manifest_references p"
+            "   WHERE p.repo = m.repo AND p.child = m.digest AND p.is_manifest)),"
+            " chosen AS (SELECT repo, digest, used FROM roots WHERE used < $3"
+            "   ORDER BY used, repo, digest LIMIT $4)"
+            f" SELECT c.repo, c.digest, c.used, {_IMAGE_SIZE} FROM chosen c"
+            " ORDER BY c.used, c.repo, c.digest",
+            low,
+            high,
+            used_before,
+            limit,
+        )
+        return [CachedImage(row[0], Digest.parse(row[1]), row[2], int(row[3])) for row in rows]
+
+    async def evict_image(self, image: CachedImage) -> list[Digest] | None:
+        digest = str(image.digest)
+
+        async def work(db: Connection) -> set[str] | None:
+            # Still an image (no index took it in), and not pulled since it was chosen.
+            still = await db.fetchval(
+                f"SELECT 1 FROM manifests m WHERE m.repo = $1 AND m.digest = $2"
+                f" AND {_IMAGE_USED} <= $3 AND NOT EXISTS (SELECT 1"
+                " FROM manifest_references p WHERE p.repo = m.repo AND p.child = m.digest"
+                " AND p.is_manifest)",
+                image.repo,
+                digest,
+                image.last_used,
+            )
+            if still is None:
+                return None
+            await db.execute("DELETE FROM tags WHERE repo = $1 AND digest = $2", image.repo, digest)
+            return await _prune_manifests(db, image.repo, {digest})
+
+        blobs = await self._transaction(work)
+        return None if blobs is None else [Digest.parse(d) for d in sorted(blobs)]
+
+    async def collect_cached_blobs(
+        self,
+        prefixes: Sequence[str],
+        before: float,
+        exclude: Collection[Digest],
+        limit: int,
+        *,
+        dry_run: bool = False,
+        candidates: Collection[Digest] | None = None,
+    ) -> list[BlobRow]:
+        if not prefixes or (candidates is not None and not candidates):
+            return []
+        # $1 before (the rule's), $2 limit, $3 excluded digests, $4 the candidates or the
+        # rows found (when given), then the ranges.
+        cached, ranges = _cached_ranges(prefixes, "l", 5)
+        skip = " AND NOT (b.digest = ANY($3::text[]))"
+        sql = (
+            "SELECT b.digest, b.size, b.storage_key FROM blobs b"
+            f" WHERE b.digest IN (SELECT l.digest FROM repository_blobs l WHERE {cached})"
+            f" AND {_BLOB_UNUSED}{skip} AND NOT EXISTS (SELECT 1 FROM repository_blobs l"
+            f"   WHERE l.digest = b.digest AND NOT ({cached})){{only}} LIMIT $2"
+        )
+        only = " AND b.digest = ANY($4::text[])"
+        excluded = [str(digest) for digest in exclude]
+        if candidates is None:
+            found_sql, found_params = sql.format(only=" AND $4::text[] IS NULL"), None
+        else:
+            found_sql, found_params = sql.format(only=only), [str(d) for d in candidates]
+        # Find them with a plain read; then decide again, for those only, inside the
+        # transaction that deletes them.
+        rows = await self._all(found_sql, before, limit, excluded, found_params, *ranges)
+        found = [_blob(row) for row in rows]
+        if dry_run or not found:
+            return found
+        listed = [str(row.digest) for row in found]
+
+        async def work(db: Connection) -> list[Any]:
+            rows = await db.fetch(sql.format(only=only), before, limit, excluded, listed, *ranges)
+            gone = [row[0] for row in rows]
+            await db.execute("DELETE FROM repository_blobs WHERE digest = ANY($1::text[])", gone)
+            await db.execute("DELETE FROM blobs WHERE digest = ANY($1::text[])", gone)
+            return list(rows)
+
+        return [_blob(row) for row in await self._transaction(work)]
+
 
 def _prefix_range(prefix: str) -> tuple[str, str]:
     """Repository names under ``prefix/`` (all of them for ""), as a key range (C collation)."""
     if not prefix:
         return "", "\U0010ffff"
     return f"{prefix}/", f"{prefix}0"  # "0" sorts right after "/"
+
+
+def _under(prefix: str) -> tuple[str, str]:
+    """Bounds of the repository names under ``<prefix>/``: ``low <= repo < high``."""
+    return prefix + "/", prefix + chr(ord("/") + 1)
+
+
+def _cached_ranges(prefixes: Sequence[str], alias: str, first: int) -> tuple[str, list[str]]:
+    """SQL true when ``<alias>.repo`` is under one of ``<prefix>/``, with its parameters,
+    numbered from ``$first``."""
+    params: list[str] = []
+    ranges = []
+    for prefix in prefixes:
+        n = first + len(params)
+        params += _under(prefix)
+        ranges.append(f"({alias}.repo >= ${n} AND {alias}.repo < ${n + 1})")
+    return " OR ".join(ranges), params
+
+
+def _pairs(keys: list[Any] | None) -> tuple[list[str] | None, list[str] | None]:
+    """(repo, digest) keys as two arrays (for ``unnest``)."""
+    if keys is None:
+        return None, None
+    return [key[0] for key in keys], [key[1] for key in keys]
+
+
+async def _gc_manifests(
+    db: Connection,
+    before: float,
+    skip_prefixes: Sequence[str],
+    after: tuple[str, str],
+    limit: int,
+    only: list[Any] | None,
+    delete: bool,
+) -> list[tuple[tuple[str, str], GarbageManifest]]:
+    restrict = ""
+    if skip_prefixes:
+        restrict += (
+            " AND NOT EXISTS (SELECT 1 FROM unnest($5::text[]) AS p(prefix)"
+            "   WHERE left(m.repo, length(p.prefix)) = p.prefix)"
+        )
+    else:
+        restrict += " AND $5::text[] IS NULL"
+    if only is not None:
+        restrict += " AND (m.repo, m.digest) IN (SELECT * FROM unnest($6::text[], $7::text[]))"
+    else:
+        restrict += " AND $6::text[] IS NULL AND $7::text[] IS NULL"
+    repos, digests = _pairs(only)
+    rows = await db.fetch(
+        "SELECT m.repo, m.digest, octet_length(m.content) FROM manifests m"
+        f" WHERE (m.repo, m.digest) > ($2, $3) AND {_MANIFEST_UNUSED}{restrict}"
+        " ORDER BY m.repo, m.digest LIMIT $4",
+        before,
+        after[0],
+        after[1],
+        limit,
+        list(skip_prefixes) or None,
+        repos,
+        digests,
+    )
+    found = [
+        ((row[0], row[1]), GarbageManifest(row[0], Digest.parse(row[1]), row[2])) for row in rows
+    ]
+    if delete and found:
+        repos, digests = _pairs([key for key, _ in found])
+        for table in ("manifest_references", "manifests"):
+            await db.execute(
+                f"DELETE FROM {table} WHERE (repo, digest) IN"
+                " (SELECT * FROM unnest($1::text[], $2::text[]))",
+                repos,
+                digests,
+            )
+    return found
+
+
+async def _gc_links(
+    db: Connection,
+    before: float,
+    after: tuple[str, str],
+    limit: int,
+    only: list[Any] | None,
+    delete: bool,
+) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    if only is not None:
+        restrict = " AND (l.repo, l.digest) IN (SELECT * FROM unnest($5::text[], $6::text[]))"
+    else:
+        restrict = " AND $5::text[] IS NULL AND $6::text[] IS NULL"
+    repos, digests = _pairs(only)
+    rows = await db.fetch(
+        "SELECT l.repo, l.digest FROM repository_blobs l"
+        f" WHERE (l.repo, l.digest) > ($2, $3) AND {_LINK_STALE}{restrict}"
+        " ORDER BY l.repo, l.digest LIMIT $4",
+        before,
+        after[0],
+        after[1],
+        limit,
+        repos,
+        digests,
+    )
+    found = [((row[0], row[1]), (row[0], row[1])) for row in rows]
+    if delete and found:
+        repos, digests = _pairs([key for key, _ in found])
+        await db.execute(
+            "DELETE FROM repository_blobs WHERE (repo, digest) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[]))",
+            repos,
+            digests,
+        )
+    return found
+
+
+async def _gc_blobs(
+    db: Connection,
+    before: float,
+    after: str,
+    limit: int,
+    only: list[Any] | None,
+    delete: bool,
+) -> list[tuple[tuple[str, str], BlobRow]]:
+    if only is not None:
+        restrict = " AND b.digest = ANY($4::text[])"
+    else:
+        restrict = " AND $4::text[] IS NULL"
+    rows = await db.fetch(
+        "SELECT b.digest, b.size, b.storage_key FROM blobs b"
+        f" WHERE b.digest > $2 AND {_BLOB_UNUSED}{restrict} ORDER BY b.digest LIMIT $3",
+        before,
+        after,
+        limit,
+        None if only is None else [key[1] for key in only],
+    )
+    found = [(("", row[0]), _blob(row)) for row in rows]
+    if delete and found:
+        digests = [key[1] for key, _ in found]
+        # Its remaining links are all stale (the rule says so): it leaves every repository.
+        await db.execute("DELETE FROM repository_blobs WHERE digest = ANY($1::text[])", digests)
+        await db.execute("DELETE FROM blobs WHERE digest = ANY($1::text[])", digests)
+    return found
+
+
+async def _prune_manifests(db: Connection, repo: str, digests: set[str]) -> set[str]:
+    """Delete the manifests of ``digests`` that no tag and no index of repo points at any
+    more, then the same for the manifests they listed and their untagged referrers (as in
+    sqlite.py). Returns the blobs the deleted manifests referenced (which may now be unused)."""
+    pending = sorted(digests)
+    blobs: set[str] = set()
+    while pending:
+        digest = pending.pop()
+        unused = await db.fetchval(
+            "SELECT 1 FROM manifests m WHERE m.repo = $1 AND m.digest = $2"
+            " AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo"
+            "   AND t.digest = m.digest)"
+            " AND NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.repo = m.repo"
+            "   AND r.child = m.digest AND r.is_manifest)",
+            repo,
+            digest,
+        )
+        if unused is None:
+            continue
+        pending += [
+            row[0]
+            for row in await db.fetch(
+                "SELECT child FROM manifest_references WHERE repo = $1 AND digest = $2"
+                " AND is_manifest UNION SELECT digest FROM manifests"
+                " WHERE repo = $1 AND subject = $2",
+                repo,
+                digest,
+            )
+        ]
+        blobs.update(
+            row[0]
+            for row in await db.fetch(
+                "SELECT child FROM manifest_references WHERE repo = $1 AND digest = $2"
+                " AND NOT is_manifest",
+                repo,
+                digest,
+            )
+        )
+        await db.execute(
+            "DELETE FROM manifest_references WHERE repo = $1 AND digest = $2", repo, digest
+        )
+        await db.execute("DELETE FROM manifests WHERE repo = $1 AND digest = $2", repo, digest)
+    return blobs

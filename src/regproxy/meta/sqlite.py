@@ -12,9 +12,21 @@ so it runs on the event loop, without the round trip to the aiosqlite thread it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -25,10 +37,16 @@ import aiosqlite
 from regproxy import oci
 from regproxy.meta.base import (
     BlobRow,
+    CachedImage,
+    CacheUsage,
+    GarbageBatch,
+    GarbageManifest,
     ImageSummary,
+    LeaseRow,
     ManifestRow,
     Reference,
     RepositorySummary,
+    TagRow,
     TagSummary,
     UploadRow,
 )
@@ -44,6 +62,41 @@ _PRAGMAS = (
 # References checked per query (two bound parameters each).
 _REFERENCE_BATCH = 500
 _MANIFEST_COLUMNS = "m.digest, m.media_type, m.content, m.subject, m.artifact_type"
+_LEASE_COLUMNS = "key, owner, host, url, spool, size, started, expires"
+
+# -- the garbage rules (one place; a PostgreSQL backend copies them) ----------------------------
+# A blob (alias b) is unused when no manifest of any repository references it, no repository
+# linked it since :before (pushed, mounted, or confirmed by a HEAD/GET), and its row is older
+# than :before. Named parameter :before only. No upload "produces" a row: an upload has no
+# digest until it finishes, and finishing inserts or links the row in one write transaction.
+_BLOB_UNUSED = (
+    "NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.child = b.digest)"
+    " AND NOT EXISTS (SELECT 1 FROM repository_blobs l"
+    "   WHERE l.digest = b.digest AND l.linked >= :before)"
+    " AND b.created < :before"
+)
+# A manifest (alias m) is garbage, when untagged manifests are collected, if no tag names it,
+# no index of its repository lists it, it is not a referrer of a subject manifest that exists
+# in its repository (a subject is not kept alive by its referrers), and it is older than
+# :before.
+_MANIFEST_UNUSED = (
+    "NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)"
+    " AND NOT EXISTS (SELECT 1 FROM manifest_references r"
+    "   WHERE r.child = m.digest AND r.repo = m.repo AND r.is_manifest = 1)"
+    " AND (m.subject IS NULL OR NOT EXISTS (SELECT 1 FROM manifests s"
+    "   WHERE s.repo = m.repo AND s.digest = m.subject))"
+    " AND m.created < :before"
+)
+# A link (alias l) is stale when no manifest of its repository references the blob and it was
+# not refreshed since :before: the blob leaves that repository (and, with its last link and
+# manifest, the repository leaves repository_exists).
+_LINK_STALE = (
+    "l.linked < :before AND NOT EXISTS (SELECT 1 FROM manifest_references r"
+    "   WHERE r.child = l.digest AND r.repo = l.repo)"
+)
+# Rounds over the manifests while a round still finds garbage (an index or subject deleted in
+# one round frees its children or referrers in the next).
+_MANIFEST_ROUNDS = 10
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -67,6 +120,11 @@ def _manifest(row: Any) -> ManifestRow:
     )
 
 
+def _lease(row: Any) -> LeaseRow:
+    key, owner, host, url, spool, size, started, expires = row
+    return LeaseRow(key, owner, host, url, spool, size, float(started), float(expires))
+
+
 def _blob(row: Any) -> BlobRow:
     return BlobRow(Digest.parse(row[0]), row[1], row[2])
 
@@ -77,9 +135,13 @@ class SqliteMetadataStore:
         reader: aiosqlite.Connection,
         writer: aiosqlite.Connection,
         watcher: sqlite3.Connection,
+        scanner: aiosqlite.Connection | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
+        # Long lifecycle reads (cache size, eviction candidates) run on a connection (and
+        # thread) of their own, so they never queue the request path's reads behind them.
+        self._scanner = scanner or reader
         self._write_lock = asyncio.Lock()
         self._watcher = watcher
         self._manifests = ManifestCache(self._data_version)
@@ -89,18 +151,21 @@ class SqliteMetadataStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await aiosqlite.connect(path, isolation_level=None)
         reader = await aiosqlite.connect(path, isolation_level=None)
-        for conn in (writer, reader):
+        scanner = await aiosqlite.connect(path, isolation_level=None)
+        for conn in (writer, reader, scanner):
             for pragma in _PRAGMAS:
                 await conn.execute(pragma)
         # No busy timeout: a locked database is "changed", never a wait on the event loop.
         watcher = sqlite3.connect(path, isolation_level=None, timeout=0)
-        store = cls(reader, writer, watcher)
+        store = cls(reader, writer, watcher, scanner)
         await store._migrate()
         return store
 
     async def close(self) -> None:
         await self._reader.close()
         await self._writer.close()
+        if self._scanner is not self._reader:
+            await self._scanner.close()
         self._watcher.close()
 
     def _data_version(self) -> int | None:
@@ -122,22 +187,36 @@ class SqliteMetadataStore:
                     await db.execute(f"PRAGMA user_version={version}")
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _transaction(self, *, commit: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
+                try:
+                    await self._writer.execute("BEGIN IMMEDIATE")
+                    yield self._writer
+                    await self._writer.execute("COMMIT" if commit else "ROLLBACK")
+                except BaseException:
+                    # Also when cancelled while BEGIN or COMMIT still runs on the connection's
+                    # thread: this ROLLBACK is queued behind it, so no transaction stays open
+                    # for the next writer. SQLite may have rolled back already: then it fails.
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        await self._writer.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                    # The same error as a full disk under the blobs: callers handle one kind.
+                    raise OSError(errno.ENOSPC, "database or disk is full") from exc
                 raise
-            await self._writer.execute("COMMIT")
 
     async def _one(self, sql: str, params: Sequence[Any]) -> Any:
         rows = list(await self._reader.execute_fetchall(sql, params))
         return rows[0] if rows else None
 
-    async def _all(self, sql: str, params: Sequence[Any]) -> list[Any]:
+    async def _all(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
         return list(await self._reader.execute_fetchall(sql, params))
+
+    async def _scan(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        """A long lifecycle read, on its own connection (see ``__init__``)."""
+        return list(await self._scanner.execute_fetchall(sql, params))
 
     # -- blobs --------------------------------------------------------------------------------
 
@@ -149,11 +228,11 @@ class SqliteMetadataStore:
 
     async def get_repo_blob(self, repo: str, digest: Digest) -> BlobRow | None:
         row = await self._one(
-            "SELECT b.digest, b.size, b.storage_key FROM repository_blobs r"
+            "SELECT b.digest, b.size, b.storage_key, r.linked FROM repository_blobs r"
             " JOIN blobs b ON b.digest = r.digest WHERE r.repo = ? AND r.digest = ?",
             (repo, str(digest)),
         )
-        return _blob(row) if row else None
+        return BlobRow(Digest.parse(row[0]), row[1], row[2], row[3]) if row else None
 
     async def add_blob(self, repo: str, blob: BlobRow) -> BlobRow:
         async with self._transaction() as db:
@@ -163,8 +242,9 @@ class SqliteMetadataStore:
                 (str(blob.digest), blob.size, blob.storage_key, time.time()),
             )
             await db.execute(
-                "INSERT OR IGNORE INTO repository_blobs (repo, digest) VALUES (?, ?)",
-                (repo, str(blob.digest)),
+                "INSERT INTO repository_blobs (repo, digest, linked) VALUES (?, ?, ?)"
+                " ON CONFLICT (repo, digest) DO UPDATE SET linked = excluded.linked",
+                (repo, str(blob.digest), time.time()),
             )
             rows = list(
                 await db.execute_fetchall(
@@ -174,19 +254,23 @@ class SqliteMetadataStore:
             )
         return _blob(rows[0])
 
-    async def link_blob(self, repo: str, digest: Digest) -> None:
+    async def link_blob(self, repo: str, digest: Digest) -> bool:
         async with self._transaction() as db:
-            await db.execute(
-                "INSERT OR IGNORE INTO repository_blobs (repo, digest)"
-                " SELECT ?, digest FROM blobs WHERE digest = ?",
-                (repo, str(digest)),
+            cursor = await db.execute(
+                "INSERT INTO repository_blobs (repo, digest, linked)"
+                " SELECT ?, digest, ? FROM blobs WHERE digest = ?"
+                " ON CONFLICT (repo, digest) DO UPDATE SET linked = excluded.linked",
+                (repo, time.time(), str(digest)),
             )
+            return cursor.rowcount > 0
 
-    async def blob_repositories(self, digest: Digest) -> list[str]:
-        rows = await self._all(
-            "SELECT repo FROM repository_blobs WHERE digest = ? ORDER BY repo", (str(digest),)
-        )
-        return [row[0] for row in rows]
+    async def touch_link(self, repo: str, digest: Digest, now: float) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE repository_blobs SET linked = max(linked, ?) WHERE repo = ? AND digest = ?",
+                (now, repo, str(digest)),
+            )
+            return cursor.rowcount > 0
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
         async with self._transaction() as db:
@@ -212,7 +296,11 @@ class SqliteMetadataStore:
         return _blob(rows[0])
 
     async def missing_references(self, repo: str, refs: Iterable[Reference]) -> list[Reference]:
-        refs = list(refs)
+        return await self._missing(self._reader, repo, list(refs))
+
+    async def _missing(
+        self, db: aiosqlite.Connection, repo: str, refs: list[Reference]
+    ) -> list[Reference]:
         absent: set[tuple[str, bool]] = set()
         # A few queries for all of them: a manifest with 50 layers costs one round trip, not
         # 50; batches keep each query under SQLite's limit on bound parameters.
@@ -222,7 +310,7 @@ class SqliteMetadataStore:
             for ref in batch:
                 params += [str(ref.digest), int(ref.is_manifest)]
             values = ", ".join("(?, ?)" for _ in batch)
-            rows = await self._all(
+            rows = await db.execute_fetchall(
                 f"WITH wanted(digest, is_manifest) AS (VALUES {values})"
                 " SELECT w.digest, w.is_manifest FROM wanted w WHERE NOT ("
                 " (w.is_manifest = 1 AND EXISTS (SELECT 1 FROM manifests m"
@@ -258,11 +346,23 @@ class SqliteMetadataStore:
         return await self._manifests.get((repo, "tag", tag), read)
 
     async def put_manifest(
-        self, repo: str, manifest: ManifestRow, refs: Sequence[Reference], tags: Sequence[str]
-    ) -> None:
+        self,
+        repo: str,
+        manifest: ManifestRow,
+        refs: Sequence[Reference],
+        tags: Sequence[str],
+        *,
+        check_references: bool = False,
+    ) -> list[Reference]:
         now = time.time()
         digest = str(manifest.digest)
         async with self._transaction() as db:
+            if check_references:
+                # In the write transaction: no GC can delete a blob between this check and
+                # the insert of the references that keep it alive.
+                missing = await self._missing(db, repo, list(refs))
+                if missing:
+                    return missing
             await db.execute(
                 "INSERT OR IGNORE INTO manifests"
                 " (repo, digest, media_type, content, subject, artifact_type, created)"
@@ -288,6 +388,7 @@ class SqliteMetadataStore:
                 " updated = excluded.updated",
                 [(repo, tag, digest, now) for tag in tags],
             )
+        return []
 
     async def delete_manifest(self, repo: str, digest: Digest) -> bool:
         key = str(digest)
@@ -345,6 +446,243 @@ class SqliteMetadataStore:
         rows = await self._all(sql + " ORDER BY m.digest", params)
         return [_manifest(row) for row in rows]
 
+    # -- garbage collection and checks --------------------------------------------------------
+
+    async def collect_garbage(
+        self,
+        before: float,
+        *,
+        untagged: bool,
+        skip_prefixes: Sequence[str] = (),
+        batch: int = 500,
+        dry_run: bool = False,
+    ) -> AsyncGenerator[GarbageBatch, None]:
+        if dry_run:
+            # One transaction, rolled back: what later stages would find includes what the
+            # earlier ones "deleted" (a deleted manifest frees its blobs).
+            async with self._transaction(commit=False) as db:
+                async for found in self._collect(db, before, untagged, skip_prefixes, batch):
+                    yield found
+            return
+        async for found in self._collect(None, before, untagged, skip_prefixes, batch):
+            yield found
+
+    async def _collect(
+        self,
+        db: aiosqlite.Connection | None,
+        before: float,
+        untagged: bool,
+        skip_prefixes: Sequence[str],
+        batch: int,
+    ) -> AsyncIterator[GarbageBatch]:
+        """Each stage pages through candidates, ``batch`` at a time, in key order.
+
+        Outside a dry run, candidates are found on the reader (no lock), then the write
+        transaction applies the same rule again to just those rows and deletes what still
+        matches: the decision that counts and the deletion are one transaction, and a pass
+        that finds nothing never takes the write lock.
+        """
+
+        async def stage(
+            run: Callable[[aiosqlite.Connection, Any, int, list[Any] | None, bool], Awaitable[Any]],
+            after: Any,
+        ) -> AsyncIterator[list[Any]]:
+            while True:
+                if db is not None:  # dry run: one transaction already holds the lock
+                    found = await run(db, after, batch, None, True)
+                    if not found:
+                        return
+                    after = found[-1][0]
+                    yield [row[1] for row in found]
+                    continue
+                candidates = await run(self._reader, after, batch, None, False)
+                if not candidates:
+                    return
+                after = candidates[-1][0]
+                async with self._transaction() as conn:
+                    found = await run(
+                        conn, ("", ""), len(candidates), [c[0] for c in candidates], True
+                    )
+                if found:
+                    yield [row[1] for row in found]
+
+        async def manifests(
+            conn: aiosqlite.Connection, after: Any, limit: int, only: list[Any] | None, delete: bool
+        ) -> list[tuple[Any, GarbageManifest]]:
+            return await self._gc_manifests(conn, before, skip_prefixes, after, limit, only, delete)
+
+        async def links(
+            conn: aiosqlite.Connection, after: Any, limit: int, only: list[Any] | None, delete: bool
+        ) -> list[tuple[Any, tuple[str, str]]]:
+            return await self._gc_links(conn, before, after, limit, only, delete)
+
+        async def blobs(
+            conn: aiosqlite.Connection, after: Any, limit: int, only: list[Any] | None, delete: bool
+        ) -> list[tuple[Any, BlobRow]]:
+            return await self._gc_blobs(conn, before, after[1], limit, only, delete)
+
+        for _ in range(_MANIFEST_ROUNDS if untagged else 0):
+            found_any = False
+            async for found in stage(manifests, ("", "")):
+                found_any = True
+                yield GarbageBatch(found, 0, [])
+            if not found_any:
+                break
+        async for found in stage(links, ("", "")):
+            yield GarbageBatch([], len(found), [])
+        async for found in stage(blobs, ("", "")):
+            yield GarbageBatch([], 0, found)
+
+    @staticmethod
+    async def _gc_manifests(
+        db: aiosqlite.Connection,
+        before: float,
+        skip_prefixes: Sequence[str],
+        after: tuple[str, str],
+        limit: int,
+        only: list[Any] | None,
+        delete: bool,
+    ) -> list[tuple[tuple[str, str], GarbageManifest]]:
+        params: dict[str, Any] = {
+            "before": before,
+            "repo": after[0],
+            "digest": after[1],
+            "limit": limit,
+            "only": json.dumps(only),
+        }
+        skip = ""
+        for i, prefix in enumerate(skip_prefixes):
+            params[f"p{i}"] = prefix
+            skip += f" AND substr(m.repo, 1, length(:p{i})) != :p{i}"
+        if only is not None:
+            skip += (
+                " AND (m.repo, m.digest) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:only))"
+            )
+        rows = await db.execute_fetchall(
+            "SELECT m.repo, m.digest, length(m.content) FROM manifests m"
+            f" WHERE (m.repo, m.digest) > (:repo, :digest) AND {_MANIFEST_UNUSED}{skip}"
+            " ORDER BY m.repo, m.digest LIMIT :limit",
+            params,
+        )
+        found = [
+            ((row[0], row[1]), GarbageManifest(row[0], Digest.parse(row[1]), row[2]))
+            for row in rows
+        ]
+        if delete:
+            keys = [key for key, _ in found]
+            await db.executemany(
+                "DELETE FROM manifest_references WHERE repo = ? AND digest = ?", keys
+            )
+            await db.executemany("DELETE FROM manifests WHERE repo = ? AND digest = ?", keys)
+        return found
+
+    @staticmethod
+    async def _gc_links(
+        db: aiosqlite.Connection,
+        before: float,
+        after: tuple[str, str],
+        limit: int,
+        only: list[Any] | None,
+        delete: bool,
+    ) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+        restrict = ""
+        if only is not None:
+            restrict = (
+                " AND (l.repo, l.digest) IN (SELECT value ->> 0, value ->> 1 FROM json_each(:only))"
+            )
+        rows = await db.execute_fetchall(
+            "SELECT l.repo, l.digest FROM repository_blobs l"
+            f" WHERE (l.repo, l.digest) > (:repo, :digest) AND {_LINK_STALE}{restrict}"
+            " ORDER BY l.repo, l.digest LIMIT :limit",
+            {
+                "before": before,
+                "repo": after[0],
+                "digest": after[1],
+                "limit": limit,
+                "only": json.dumps(only),
+            },
+        )
+        found = [((row[0], row[1]), (row[0], row[1])) for row in rows]
+        if delete:
+            await db.executemany(
+                "DELETE FROM repository_blobs WHERE repo = ? AND digest = ?",
+                [key for key, _ in found],
+            )
+        return found
+
+    @staticmethod
+    async def _gc_blobs(
+        db: aiosqlite.Connection,
+        before: float,
+        after: str,
+        limit: int,
+        only: list[Any] | None,
+        delete: bool,
+    ) -> list[tuple[tuple[str, str], BlobRow]]:
+        restrict = ""
+        if only is not None:
+            restrict = " AND b.digest IN (SELECT value ->> 1 FROM json_each(:only))"
+        rows = await db.execute_fetchall(
+            "SELECT b.digest, b.size, b.storage_key FROM blobs b"
+            f" WHERE b.digest > :after AND {_BLOB_UNUSED}{restrict} ORDER BY b.digest LIMIT :limit",
+            {"before": before, "after": after, "limit": limit, "only": json.dumps(only)},
+        )
+        found = [(("", row[0]), _blob(row)) for row in rows]
+        if delete:
+            digests = [(key[1],) for key, _ in found]
+            # Its remaining links are all stale (the rule says so): it leaves every repository.
+            await db.executemany("DELETE FROM repository_blobs WHERE digest = ?", digests)
+            await db.executemany("DELETE FROM blobs WHERE digest = ?", digests)
+        return found
+
+    async def list_blobs(self, after: str, limit: int) -> list[BlobRow]:
+        rows = await self._all(
+            "SELECT digest, size, storage_key FROM blobs WHERE digest > ? ORDER BY digest LIMIT ?",
+            (after, limit),
+        )
+        return [_blob(row) for row in rows]
+
+    async def known_blob_keys(self, keys: Sequence[str]) -> set[str]:
+        return await self._known("SELECT storage_key FROM blobs WHERE storage_key IN", keys)
+
+    async def known_upload_ids(self, upload_ids: Sequence[str]) -> set[str]:
+        return await self._known("SELECT id FROM uploads WHERE id IN", upload_ids)
+
+    async def _known(self, select: str, values: Sequence[str]) -> set[str]:
+        known: set[str] = set()
+        for start in range(0, len(values), _REFERENCE_BATCH):
+            batch = list(values[start : start + _REFERENCE_BATCH])
+            marks = ", ".join("?" for _ in batch)
+            known.update(row[0] for row in await self._all(f"{select} ({marks})", batch))
+        return known
+
+    async def blob_repositories(self, digest: Digest) -> list[str]:
+        rows = await self._all(
+            "SELECT repo FROM repository_blobs WHERE digest = ?"
+            " UNION SELECT repo FROM manifest_references WHERE child = ? ORDER BY 1",
+            (str(digest), str(digest)),
+        )
+        return [row[0] for row in rows]
+
+    async def forget_cached_blob(self, digest: Digest, prefixes: Sequence[str]) -> BlobRow | None:
+        key = str(digest)
+        async with self._transaction() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT digest, size, storage_key FROM blobs WHERE digest = ?", (key,)
+                )
+            )
+            users = await db.execute_fetchall(
+                "SELECT repo FROM repository_blobs WHERE digest = ?"
+                " UNION SELECT repo FROM manifest_references WHERE child = ?",
+                (key, key),
+            )
+            if not rows or any(not row[0].startswith(tuple(prefixes)) for row in users):
+                return None
+            await db.execute("DELETE FROM repository_blobs WHERE digest = ?", (key,))
+            await db.execute("DELETE FROM blobs WHERE digest = ?", (key,))
+        return _blob(rows[0])
+
     # -- uploads ------------------------------------------------------------------------------
 
     async def create_upload(self, upload: UploadRow) -> None:
@@ -400,13 +738,95 @@ class SqliteMetadataStore:
         )
         return [UploadRow(*row) for row in rows]
 
+    # -- leases -------------------------------------------------------------------------------
+
+    async def acquire_lease(self, lease: LeaseRow, now: float) -> LeaseRow:
+        async with self._transaction() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = ?", (lease.key,)
+                )
+            )
+            if rows and float(rows[0][7]) >= now:
+                return _lease(rows[0])
+            await db.execute(
+                f"INSERT OR REPLACE INTO leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    lease.key,
+                    lease.owner,
+                    lease.host,
+                    lease.url,
+                    lease.spool,
+                    lease.size,
+                    lease.started,
+                    lease.expires,
+                ),
+            )
+            return lease
+
+    async def renew_lease(
+        self, key: str, owner: str, expires: float, *, spool: str = "", size: int | None = None
+    ) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE leases SET expires = ?, spool = CASE WHEN ? = '' THEN spool ELSE ? END,"
+                " size = coalesce(?, size) WHERE key = ? AND owner = ?",
+                (expires, spool, spool, size, key, owner),
+            )
+            return cursor.rowcount > 0
+
+    async def get_lease(self, key: str) -> LeaseRow | None:
+        row = await self._one(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = ?", (key,))
+        return _lease(row) if row else None
+
+    async def release_lease(self, key: str, owner: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM leases WHERE key = ? AND owner = ?", (key, owner)
+            )
+            return cursor.rowcount > 0
+
+    # -- failed logins ------------------------------------------------------------------------
+
+    async def add_login_failure(self, key: str, now: float, window: float) -> int:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM login_failures WHERE started <= ?", (now - window,))
+            await db.execute(
+                "INSERT INTO login_failures (key, started, failures) VALUES (?, ?, 1)"
+                " ON CONFLICT (key) DO UPDATE SET failures = failures + 1",
+                (key, now),
+            )
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT failures FROM login_failures WHERE key = ?", (key,)
+                )
+            )
+            return int(rows[0][0])
+
+    async def login_failures(
+        self, keys: Sequence[str], now: float, window: float
+    ) -> dict[str, tuple[float, int]]:
+        if not keys:
+            return {}
+        marks = ", ".join("?" for _ in keys)
+        rows = await self._all(
+            f"SELECT key, started, failures FROM login_failures WHERE key IN ({marks})"
+            " AND started > ?",
+            (*keys, now - window),
+        )
+        return {row[0]: (float(row[1]), int(row[2])) for row in rows}
+
+    async def clear_login_failures(self, key: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM login_failures WHERE key = ?", (key,))
+
     # -- operations: metrics, readiness, `regproxy cache ls` ----------------------------------
 
     async def ping(self) -> None:
         await self._one("SELECT 1", ())
 
-    async def cache_usage(self, prefix: str) -> tuple[int, int]:
-        low, high = _prefix_range(prefix)
+    async def cache_totals(self, prefix: str) -> tuple[int, int]:
+        low, high = _prefix_bounds(prefix)
         row = await self._one(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs WHERE digest IN"
             " (SELECT digest FROM repository_blobs WHERE repo >= ? AND repo < ?)",
@@ -422,8 +842,8 @@ class SqliteMetadataStore:
         row = await self._one("SELECT COUNT(*) FROM uploads", ())
         return int(row[0])
 
-    async def cached_images(self, prefix: str) -> list[ImageSummary]:
-        low, high = _prefix_range(prefix)
+    async def cached_tags(self, prefix: str) -> list[ImageSummary]:
+        low, high = _prefix_bounds(prefix)
         rows = await self._all(
             "WITH RECURSIVE reach(root_repo, root_tag, repo, digest) AS ("
             "  SELECT repo, tag, repo, digest FROM tags WHERE repo >= ? AND repo < ?"
@@ -456,7 +876,7 @@ class SqliteMetadataStore:
     ) -> list[RepositorySummary]:
         if cached and not prefixes:
             return []
-        ranges = [_prefix_range(prefix) for prefix in prefixes]
+        ranges = [_prefix_bounds(prefix) for prefix in prefixes]
         under = " OR ".join("(m.repo >= ? AND m.repo < ?)" for _ in ranges) or "0"
         where = f"({under})" if cached else f"NOT ({under})"
         rows = await self._all(
@@ -517,8 +937,235 @@ class SqliteMetadataStore:
         )
         return [row[0] for row in rows]
 
+    # -- retention and cache eviction ---------------------------------------------------------
 
-def _prefix_range(prefix: str) -> tuple[str, str]:
+    async def record_pulls(self, pulls: Sequence[tuple[str, Digest, float]]) -> None:
+        if not pulls:
+            return
+        async with self._transaction() as db:
+            rows = [{"repo": repo, "digest": str(digest), "at": at} for repo, digest, at in pulls]
+            await db.executemany(
+                "UPDATE manifests SET last_pulled = :at WHERE repo = :repo AND digest = :digest"
+                " AND (last_pulled IS NULL OR last_pulled < :at)",
+                rows,
+            )
+            # A pull of one platform's manifest is a pull of the indexes that list it, so an
+            # image's last use is one column (which eviction sorts by).
+            await db.executemany(
+                "UPDATE manifests SET last_pulled = :at WHERE repo = :repo AND digest IN"
+                " (SELECT r.digest FROM manifest_references r WHERE r.repo = :repo"
+                "  AND r.child = :digest AND r.is_manifest = 1)"
+                " AND (last_pulled IS NULL OR last_pulled < :at)",
+                rows,
+            )
+
+    async def expendable_tags(
+        self, repo: str, keep_last: int, pulled_before: float | None
+    ) -> list[TagRow]:
+        # A tag is used when it was pushed or its manifest pulled (by tag or by digest).
+        rows = await self._all(
+            "WITH ranked AS (SELECT t.tag, t.digest, t.updated,"
+            "   max(t.updated, coalesce(m.last_pulled, 0)) AS used,"
+            "   row_number() OVER (ORDER BY t.updated DESC, t.tag DESC) AS recency"
+            "   FROM tags t LEFT JOIN manifests m ON m.repo = t.repo AND m.digest = t.digest"
+            "   WHERE t.repo = :repo)"
+            " SELECT tag, digest, updated FROM ranked WHERE recency > :keep_last"
+            " AND (:pulled_before IS NULL OR used < :pulled_before) ORDER BY updated, tag",
+            {"repo": repo, "keep_last": keep_last, "pulled_before": pulled_before},
+        )
+        return [TagRow(repo, row[0], Digest.parse(row[1]), row[2]) for row in rows]
+
+    async def delete_tags(self, repo: str, tags: Sequence[TagRow]) -> list[TagRow]:
+        deleted: list[TagRow] = []
+        async with self._transaction() as db:
+            for tag in tags:
+                cursor = await db.execute(
+                    "DELETE FROM tags WHERE repo = ? AND tag = ? AND digest = ? AND updated = ?",
+                    (repo, tag.tag, str(tag.digest), tag.pushed),
+                )
+                if cursor.rowcount > 0:
+                    deleted.append(tag)
+            await _prune_manifests(db, repo, {str(tag.digest) for tag in deleted})
+        return deleted
+
+    async def cache_usage(
+        self, prefixes: Sequence[str], *, per_prefix: Sequence[str] = ()
+    ) -> CacheUsage:
+        if not prefixes:
+            return CacheUsage(0, {})
+        cached, params = _cached_ranges(prefixes, "o")
+        # Blobs linked from a cache repository and from no other one.
+        only_cached = (
+            "SELECT coalesce(sum(b.size), 0) FROM blobs b WHERE b.digest IN"
+            " (SELECT o.digest FROM repository_blobs o WHERE {inside})"
+            " AND NOT EXISTS (SELECT 1 FROM repository_blobs o"
+            "   WHERE o.digest = b.digest AND NOT ({inside}))"
+        )
+        rows = await self._scan(only_cached.format(inside=cached), params)
+        by_prefix = {}
+        for prefix in per_prefix:
+            inside, one = _cached_ranges([prefix], "o")
+            rows_one = await self._scan(only_cached.format(inside=inside), one)
+            by_prefix[prefix] = int(rows_one[0][0])
+        return CacheUsage(int(rows[0][0]), by_prefix)
+
+    async def cached_images(self, prefix: str, used_before: float, limit: int) -> list[CachedImage]:
+        rows = await self._scan(
+            f"WITH roots AS (SELECT m.repo, m.digest, {_IMAGE_USED} AS used FROM manifests m"
+            "   WHERE m.repo >= :lo AND m.repo < :hi AND NOT EXISTS (SELECT 1"
+            "   FROM manifest_references p"
+            "   WHERE p.repo = m.repo AND p.child = m.digest AND p.is_manifest = 1)),"
+            " chosen AS (SELECT repo, digest, used FROM roots WHERE used < :before"
+            "   ORDER BY used, repo, digest LIMIT :limit)"
+            f" SELECT c.repo, c.digest, c.used, {_IMAGE_SIZE} FROM chosen c"
+            " ORDER BY c.used, c.repo, c.digest",
+            {**_prefix_range(prefix), "before": used_before, "limit": limit},
+        )
+        return [CachedImage(row[0], Digest.parse(row[1]), row[2], int(row[3])) for row in rows]
+
+    async def evict_image(self, image: CachedImage) -> list[Digest] | None:
+        key = {"repo": image.repo, "digest": str(image.digest), "used": image.last_used}
+        async with self._transaction() as db:
+            # Still an image (no index took it in), and not pulled since it was chosen.
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT 1 FROM manifests m WHERE m.repo = :repo AND m.digest = :digest"
+                    f" AND {_IMAGE_USED} <= :used AND NOT EXISTS (SELECT 1"
+                    " FROM manifest_references p WHERE p.repo = m.repo AND p.child = m.digest"
+                    " AND p.is_manifest = 1)",
+                    key,
+                )
+            )
+            if not rows:
+                return None
+            await db.execute("DELETE FROM tags WHERE repo = :repo AND digest = :digest", key)
+            blobs = await _prune_manifests(db, image.repo, {str(image.digest)})
+        return [Digest.parse(digest) for digest in sorted(blobs)]
+
+    async def collect_cached_blobs(
+        self,
+        prefixes: Sequence[str],
+        before: float,
+        exclude: Collection[Digest],
+        limit: int,
+        *,
+        dry_run: bool = False,
+        candidates: Collection[Digest] | None = None,
+    ) -> list[BlobRow]:
+        if not prefixes or (candidates is not None and not candidates):
+            return []
+        cached, params = _cached_ranges(prefixes, "l")
+        params.update(before=before, limit=limit)
+        excluded = {f"x{i}": str(digest) for i, digest in enumerate(exclude)}
+        params.update(excluded)
+        skip = f" AND b.digest NOT IN ({', '.join(':' + n for n in excluded)})" if excluded else ""
+        if candidates is not None:
+            wanted = {f"w{i}": str(digest) for i, digest in enumerate(candidates)}
+            params.update(wanted)
+            skip += f" AND b.digest IN ({', '.join(':' + n for n in wanted)})"
+        # Linked from a cache repository, unused by GC's own rule, and linked from no other
+        # repository (cheapest test first: most cached blobs are still referenced).
+        sql = (
+            "SELECT b.digest, b.size, b.storage_key FROM blobs b"
+            f" WHERE b.digest IN (SELECT l.digest FROM repository_blobs l WHERE {cached})"
+            f" AND {_BLOB_UNUSED}{skip} AND NOT EXISTS (SELECT 1 FROM repository_blobs l"
+            f"   WHERE l.digest = b.digest AND NOT ({cached})){{only}} LIMIT :limit"
+        )
+        # Find them without the write lock (a scan over the cache); then decide again, for
+        # those only, inside the transaction that deletes them.
+        found = [_blob(row) for row in await self._scan(sql.format(only=""), params)]
+        if dry_run or not found:
+            return found
+        listed = {f"c{i}": str(row.digest) for i, row in enumerate(found)}
+        only = f" AND b.digest IN ({', '.join(':' + name for name in listed)})"
+        async with self._transaction() as db:
+            rows = [
+                _blob(row)
+                for row in await db.execute_fetchall(sql.format(only=only), {**params, **listed})
+            ]
+            gone = [(str(row.digest),) for row in rows]
+            await db.executemany("DELETE FROM repository_blobs WHERE digest = ?", gone)
+            await db.executemany("DELETE FROM blobs WHERE digest = ?", gone)
+        return rows
+
+
+# When a cached image (alias m) was last used: pulled (record_pulls also counts a pull of a
+# manifest an index lists for the index), or stored if not pulled since.
+_IMAGE_USED = "coalesce(m.last_pulled, m.created)"
+# The bytes of the blobs an image (alias c) and the manifests it lists reference.
+_IMAGE_SIZE = (
+    "(SELECT coalesce(sum(b.size), 0) FROM blobs b WHERE b.digest IN ("
+    " SELECT r.child FROM manifest_references r"
+    " WHERE r.repo = c.repo AND r.digest = c.digest AND r.is_manifest = 0"
+    " UNION SELECT r2.child FROM manifest_references r1 CROSS JOIN manifest_references r2"
+    " WHERE r1.repo = c.repo AND r1.digest = c.digest AND r1.is_manifest = 1"
+    " AND r2.repo = r1.repo AND r2.digest = r1.child AND r2.is_manifest = 0))"
+)
+
+
+def _cached_ranges(prefixes: Sequence[str], alias: str) -> tuple[str, dict[str, Any]]:
+    """SQL true when ``<alias>.repo`` is under one of ``<prefix>/``, with its parameters."""
+    params: dict[str, Any] = {}
+    ranges = []
+    for i, prefix in enumerate(prefixes):
+        bounds = _prefix_range(prefix)
+        params[f"lo{i}"], params[f"hi{i}"] = bounds["lo"], bounds["hi"]
+        ranges.append(f"({alias}.repo >= :lo{i} AND {alias}.repo < :hi{i})")
+    return " OR ".join(ranges), params
+
+
+def _prefix_range(prefix: str) -> dict[str, str]:
+    """Bounds of the repository names under ``<prefix>/``: ``lo <= repo < hi``."""
+    return {"lo": prefix + "/", "hi": prefix + chr(ord("/") + 1)}
+
+
+async def _prune_manifests(db: aiosqlite.Connection, repo: str, digests: set[str]) -> set[str]:
+    """Delete the manifests of ``digests`` that no tag and no index of repo points at any
+    more, then the same for the manifests they listed and their untagged referrers.
+
+    Returns the blobs the deleted manifests referenced (which may now be unused)."""
+    pending = list(digests)
+    blobs: set[str] = set()
+    while pending:
+        digest = pending.pop()
+        key = {"repo": repo, "digest": digest}
+        unused = list(
+            await db.execute_fetchall(
+                "SELECT 1 FROM manifests m WHERE m.repo = :repo AND m.digest = :digest"
+                " AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo"
+                "   AND t.digest = m.digest)"
+                " AND NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.repo = m.repo"
+                "   AND r.child = m.digest AND r.is_manifest = 1)",
+                key,
+            )
+        )
+        if not unused:
+            continue
+        pending += [
+            row[0]
+            for row in await db.execute_fetchall(
+                "SELECT child FROM manifest_references WHERE repo = :repo AND digest = :digest"
+                " AND is_manifest = 1 UNION SELECT digest FROM manifests"
+                " WHERE repo = :repo AND subject = :digest",
+                key,
+            )
+        ]
+        blobs.update(
+            row[0]
+            for row in await db.execute_fetchall(
+                "SELECT child FROM manifest_references WHERE repo = :repo AND digest = :digest"
+                " AND is_manifest = 0",
+                key,
+            )
+        )
+        await db.execute(
+            "DELETE FROM manifest_references WHERE repo = :repo AND digest = :digest", key
+        )
+        await db.execute("DELETE FROM manifests WHERE repo = :repo AND digest = :digest", key)
+    return blobs
+
+
+def _prefix_bounds(prefix: str) -> tuple[str, str]:
     """Repository names under ``prefix/`` (all of them for ""), as a key range."""
     if not prefix:
         return "", "\U0010ffff"

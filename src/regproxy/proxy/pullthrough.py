@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 import re
 import time
@@ -29,6 +30,9 @@ import aiohttp
 from aiohttp import web
 
 from regproxy import oci
+from regproxy.cluster import Cluster
+from regproxy.cluster.leases import blob_key, tag_key
+from regproxy.cluster.peer import read_spool
 from regproxy.errors import (
     BlobUnknown,
     BlobUploadUnknown,
@@ -39,17 +43,18 @@ from regproxy.errors import (
     NameUnknown,
     RegistryError,
     SizeInvalid,
+    StorageFull,
     TooManyRequests,
     Unavailable,
 )
-from regproxy.meta.base import BlobRow, ManifestRow, UploadRow
+from regproxy.meta.base import BlobRow, LeaseRow, ManifestRow, UploadRow
 from regproxy.metrics import BYPASS, HIT, JOINED, MISS, STALE, Metrics
 from regproxy.oci import Digest
 from regproxy.proxy.auth import TokenError
 from regproxy.proxy.singleflight import Fill, FillFailed, SpoolGone, reconcile_spool
 from regproxy.proxy.upstream import Upstream, UpstreamInvalid, UpstreamStatus
 from regproxy.registry.base import ContentRange
-from regproxy.registry.hosted import HostedRegistry
+from regproxy.registry.hosted import HostedRegistry, is_storage_full
 from regproxy.registry.manifest import lookup_reference, parse_manifest
 from regproxy.streams import rechunk
 
@@ -57,6 +62,12 @@ log = logging.getLogger(__name__)
 
 # The storage key of a blob that is still arriving from upstream.
 FILLING = ""
+# ... arriving through a fill of another process: this prefix and the repository.
+FOLLOWING = "\0following:"
+# Times a follower re-decides where to read a fill from (the owner's spool or endpoint,
+# storage, a fill of its own) after a source broke off without progress, before it gives up.
+FOLLOW_ATTEMPTS = 5
+FOLLOW_PAUSE = 0.2
 _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, TokenError, UpstreamStatus)
 # A transfer cut mid-body (reset, closed early, stalled): resumed with Range.
 _CUT = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ConnectionError)
@@ -132,9 +143,12 @@ class PullThroughRegistry:
         manifest_max_bytes: int,
         *,
         metrics: Metrics | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.hosted = hosted
         self.metrics = metrics if metrics is not None else Metrics()
+        self.cluster = cluster
+        self._claims: dict[str, asyncio.Task[Fill | LeaseRow | BlobRow]] = {}
         self.meta = hosted.meta
         self.upstreams = upstreams
         self.spool_dir = spool_dir
@@ -142,6 +156,9 @@ class PullThroughRegistry:
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flights: dict[tuple[str, str], asyncio.Future[ManifestRow]] = {}
+        # Told of each fill that ended (cache eviction: lifecycle/eviction.py): the repository,
+        # the bytes it stored (0: not cached) and whether storage was full.
+        self.on_fill_done: Callable[[str, int, bool], None] | None = None
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     async def reconcile_spool(self, max_age: float) -> None:
@@ -170,6 +187,14 @@ class PullThroughRegistry:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def filling(self) -> frozenset[Digest]:
+        """Digests whose fills are in flight: cache eviction leaves their blobs alone."""
+        return frozenset(fill.digest for fill in self._fills.values())
+
+    def _fill_done(self, repo: str, stored: int, storage_full: bool = False) -> None:
+        if self.on_fill_done is not None:
+            self.on_fill_done(repo, stored, storage_full)
 
     def namespace_prefix(self, ns: str) -> str | None:
         for name, upstream in self.upstreams.items():
@@ -228,18 +253,40 @@ class PullThroughRegistry:
         if fill is None:
             self._check_blob_miss(upstream, repo, digest)
             known = await self.meta.get_blob(digest)
-            if known is not None and await self._upstream_has(upstream, remote, digest):
+            if (
+                known is not None
+                and await self._upstream_has(upstream, remote, digest)
+                and await self.meta.link_blob(repo, digest)  # False: collected meanwhile
+            ):
                 # Stored already (another repository, or pushed): no need to fetch it again.
-                await self.meta.link_blob(repo, digest)
                 self._outcome(repo, "blob", HIT)
                 return known
-            fill = self._fills.get(str(digest))
+            existing = self._fills.get(str(digest))
+            # The one request that starts the claim is the miss; the others joined it.
+            first = existing is None and str(digest) not in self._claims
+            claimed = await self._fill_or_lease(upstream, remote, repo, digest)
+            if isinstance(claimed, LeaseRow):
+                # Filled elsewhere, maybe for another repository: only if the upstream has
+                # the blob here too.
+                if not await self._upstream_has(upstream, remote, digest):
+                    raise BlobUnknown(detail={"digest": str(digest)})
+                self._outcome(repo, "blob", JOINED)
+                return await self._followed(repo, digest, claimed)
+            if isinstance(claimed, BlobRow):  # stored: for this repository only if upstream has it
+                try:
+                    size = await upstream.head_blob(remote, digest)
+                except _UPSTREAM_ERRORS as exc:
+                    raise _blob_error(exc, digest) from exc
+                if size is None:
+                    raise BlobUnknown(detail={"digest": str(digest)})
+                await self.meta.link_blob(repo, digest)
+                self._outcome(repo, "blob", HIT)
+                return claimed
+            fill = claimed
+            self._outcome(repo, "blob", MISS if first and fill is not existing else JOINED)
         elif repo not in fill.repos and not await self._upstream_has(upstream, remote, digest):
             # A fill for another repository: only if the upstream has the blob here too.
             raise BlobUnknown(detail={"digest": str(digest)})
-        if fill is None:
-            fill = self._start_fill(upstream, remote, repo, digest)
-            self._outcome(repo, "blob", MISS)
         else:
             self._outcome(repo, "blob", JOINED)
         fill.repos.add(repo)
@@ -277,16 +324,21 @@ class PullThroughRegistry:
         ]
 
     def blob_path(self, blob: BlobRow) -> Path | None:
-        return None if blob.storage_key == FILLING else self.hosted.blob_path(blob)
+        return None if in_flight(blob) else self.hosted.blob_path(blob)
 
     async def blob_redirect_url(self, blob: BlobRow) -> str | None:
-        if blob.storage_key == FILLING:
+        if in_flight(blob):
             return None
         return await self.hosted.blob_redirect_url(blob)
 
     async def read_blob(self, blob: BlobRow, start: int, length: int) -> AsyncIterator[bytes]:
-        if blob.storage_key != FILLING:
+        if not in_flight(blob):
             async for chunk in self.hosted.read_blob(blob, start, length):
+                yield chunk
+            return
+        if blob.storage_key.startswith(FOLLOWING):
+            repo = blob.storage_key.removeprefix(FOLLOWING)
+            async for chunk in self._follow(repo, blob, start, start + length):
                 yield chunk
             return
         fill = self._fills.get(str(blob.digest))
@@ -312,10 +364,197 @@ class PullThroughRegistry:
         except _UPSTREAM_ERRORS:
             return False
 
-    def _start_fill(self, upstream: Upstream, remote: str, repo: str, digest: Digest) -> Fill:
+    # -- the cluster: one fill per blob across processes and replicas ---------------------
+
+    async def _fill_or_lease(
+        self, upstream: Upstream, remote: str, repo: str, digest: Digest
+    ) -> Fill | LeaseRow | BlobRow:
+        """This process's fill of the blob, started if the blob's lease could be taken; or
+        the lease of the process that fills it; or the blob, if another process stored it
+        meanwhile. One attempt at a time per digest here."""
+        key = str(digest)
+        claim = self._claims.get(key)
+        if claim is None:
+            claim = self._spawn(self._claim(upstream, remote, repo, digest))
+            self._claims[key] = claim
+            claim.add_done_callback(lambda _: self._claims.pop(key, None))
+        return await asyncio.shield(claim)
+
+    async def _claim(
+        self, upstream: Upstream, remote: str, repo: str, digest: Digest
+    ) -> Fill | LeaseRow | BlobRow:
+        fill = self._fills.get(str(digest))
+        if fill is not None:
+            return fill
+        if self.cluster is None:
+            return self._start_fill(upstream, remote, repo, digest)
+        leases = self.cluster.leases
+        row = await leases.acquire(blob_key(digest))
+        if not leases.mine(row):
+            return row
+        # A fill that committed and released its lease just before we took it.
+        stored = await self.meta.get_blob(digest)
+        if stored is not None and str(digest) not in self._fills:
+            await leases.release(row.key)
+            return stored
+        return self._fills.get(str(digest)) or self._start_fill(
+            upstream, remote, repo, digest, leased=True
+        )
+
+    async def _followed(self, repo: str, digest: Digest, row: LeaseRow) -> BlobRow:
+        """The blob as another process fills it, once that process knows its size; its
+        own fill if the other's lease ends without the blob (failed, or its owner died)."""
+        assert self.cluster is not None
+        leases = self.cluster.leases
+        upstream, remote = self.split(repo)
+        for _ in range(FOLLOW_ATTEMPTS):
+            while True:
+                stored = await self.meta.get_blob(digest)
+                if stored is not None:
+                    await self.meta.link_blob(repo, digest)
+                    return stored
+                if row.size is not None:
+                    return BlobRow(digest, row.size, FOLLOWING + repo)
+                await asyncio.sleep(FOLLOW_PAUSE)
+                current = await leases.get(row.key)
+                if current is None or current.owner != row.owner or leases.expired(current):
+                    break
+                row = current
+            if await self.meta.get_blob(digest) is not None:
+                continue
+            claimed = await self._fill_or_lease(upstream, remote, repo, digest)
+            if isinstance(claimed, LeaseRow):
+                row = claimed
+                continue
+            return await self.get_blob(repo, digest)
+        raise Unavailable(f"the fill of {digest} by another process did not get going")
+
+    async def _follow(
+        self, repo: str, blob: BlobRow, position: int, end: int
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``position .. end`` of a blob another process fills: from its spool file
+        (same machine) or its endpoint (another replica), then from storage once committed.
+        When its lease ends without the blob, this process takes the fill over; when nothing
+        more can be had, the read fails (after the first byte: a cut connection)."""
+        assert self.cluster is not None
+        leases, peer = self.cluster.leases, self.cluster.peer
+        digest, key = blob.digest, blob_key(blob.digest)
+        takeovers = stalls = 0
+        # Looks in a row that find no new byte at the owner before the read fails (a cut):
+        # longer than its lease lives unrenewed, so a dead owner's fill gets taken over.
+        max_stalls = 2 * leases.ttl / FOLLOW_PAUSE
+        while position < end:
+            stored = await self.meta.get_blob(digest)
+            if stored is not None:
+                async for chunk in self.hosted.read_blob(stored, position, end - position):
+                    yield chunk
+                return
+            fill = self._fills.get(str(digest))
+            if fill is not None:  # ours, after a takeover
+                try:
+                    await asyncio.shield(fill.size)  # its spool is open once the size is known
+                    async for chunk in fill.read(position, end - position):
+                        position += len(chunk)
+                        yield chunk
+                    return
+                except SpoolGone:
+                    continue
+            row = await leases.get(key)
+            before = position
+            if row is None or leases.expired(row) or leases.mine(row):
+                if await self.meta.get_blob(digest) is None:
+                    if takeovers >= FOLLOW_ATTEMPTS:
+                        raise FillFailed(f"the fill of {digest} ended without the blob")
+                    upstream, remote = self.split(repo)
+                    log.warning(
+                        "the fill of %s ended without the blob (lease %s); taking over",
+                        digest,
+                        "expired" if row is not None else "released",
+                    )
+                    await self._fill_or_lease(upstream, remote, repo, digest)
+                    takeovers += 1
+                continue
+            if row.size is not None and row.size != blob.size:
+                raise FillFailed(f"the fill of {digest} has another size")
+            try:
+                if row.host == leases.host and row.spool:
+                    owner = row.owner
+
+                    async def still_filling(owner: str = owner) -> bool:
+                        if await self.meta.get_blob(digest) is not None:
+                            return False
+                        now = await leases.get(key)
+                        return now is not None and now.owner == owner and not leases.expired(now)
+
+                    source = read_spool(row.spool, blob.size, position, end, still_filling)
+                elif row.url and peer is not None:
+                    source = peer.read(row.url, digest, position, end)
+                else:
+                    source = _nothing()  # no way to the owner: wait for the blob in storage
+                async for chunk in source:
+                    position += len(chunk)
+                    yield chunk
+            except (FillFailed, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.info("following the fill of %s broke off: %r", digest, exc)
+            if position == before:
+                # No progress: the owner is unreachable, or its lease is about to expire.
+                stalls += 1
+                if stalls > max_stalls:
+                    raise FillFailed(f"the fill of {digest} by another process is stuck")
+                await asyncio.sleep(FOLLOW_PAUSE)
+            else:
+                stalls = 0
+
+    async def serve_fill(
+        self, digest: Digest, offset: int
+    ) -> tuple[int, AsyncIterator[bytes]] | None:
+        """For a peer's follower (cluster/peer.py): this process's fill of the blob, or the
+        blob from storage once it is committed."""
+        fill = self._fills.get(str(digest))
+        if fill is not None:
+            try:
+                size = await asyncio.shield(fill.size)
+            except FillFailed:
+                return None
+            return size, self._fill_or_stored(fill, digest, offset, size)
+        stored = await self.meta.get_blob(digest)
+        if stored is None:
+            return None
+        return stored.size, self.hosted.read_blob(stored, offset, max(stored.size - offset, 0))
+
+    async def _fill_or_stored(
+        self, fill: Fill, digest: Digest, offset: int, size: int
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in fill.read(offset, size - offset):
+                yield chunk
+            return
+        except SpoolGone:
+            pass
+        stored = await self.meta.get_blob(digest)
+        if stored is None:
+            raise FillFailed(f"the fill of {digest} did not complete")
+        async for chunk in self.hosted.read_blob(stored, offset, size - offset):
+            yield chunk
+
+    def _start_fill(
+        self, upstream: Upstream, remote: str, repo: str, digest: Digest, *, leased: bool = False
+    ) -> Fill:
         fill = Fill(digest, self.spool_dir)
         fill.repos.add(repo)
         self._fills[str(digest)] = fill
+        stored = [True]  # cleared when storage was full and the blob was not cached
+        held = None
+        if leased and self.cluster is not None:
+            held = self.cluster.leases.hold(blob_key(digest))
+            lease = held
+
+            def announce(size: asyncio.Future[int]) -> None:
+                # Followers elsewhere wait for the size; the spool is open by then.
+                if not size.cancelled() and size.exception() is None:
+                    lease.note(str(fill.spool), size.result())
+
+            fill.size.add_done_callback(announce)
 
         async def fetch(fill: Fill) -> None:
             rest = fill.tee(self._upstream_body(upstream, remote, digest, fill))
@@ -337,7 +576,26 @@ class PullThroughRegistry:
             try:
                 await fill.note_upload(upload.id)
                 # Clients see each piece as it arrives; storage and hashing get big chunks.
-                await self.hosted.finish_upload(repo, upload.id, rechunk(body()), digest)
+                chunks = rechunk(body())
+                try:
+                    await self.hosted.finish_upload(repo, upload.id, chunks, digest)
+                except (StorageFull, OSError) as exc:
+                    # Cache eviction (lifecycle/eviction.py): storage is full, so this fetch
+                    # is served from the spool without being cached; the client never gets an
+                    # error because the cache is full. The rest of the body goes to the spool,
+                    # whose digest is checked before the last byte is released.
+                    if not isinstance(exc, StorageFull) and not is_storage_full(exc):
+                        raise
+                    async for _ in chunks:
+                        pass
+                    await _verify_spool(fill, digest)
+                    log.warning("storage full: served %s without caching it", digest)
+                    self.metrics.pulled(upstream.name, "blob", fill.written - fill.resumed)
+                    fill.set_size(fill.written)
+                    stored.clear()
+                    with suppress(BlobUploadUnknown):
+                        await self.hosted.cancel_upload(repo, upload.id)
+                    return
             except BaseException:
                 with suppress(BlobUploadUnknown):  # a digest mismatch already removed it
                     await self.hosted.cancel_upload(repo, upload.id)
@@ -358,6 +616,8 @@ class PullThroughRegistry:
                 fills.dec()
                 if self._fills.get(str(digest)) is fill:
                     del self._fills[str(digest)]
+                if held is not None:  # after the blob row is committed
+                    await held.release()
             if fill.error is not None:
                 self.metrics.pulled(upstream.name, "blob", fill.written - fill.resumed)  # discarded
                 log.warning(
@@ -367,7 +627,7 @@ class PullThroughRegistry:
                     remote,
                     describe_error(fill.error),
                 )
-            else:
+            elif stored:
                 elapsed = time.monotonic() - started
                 log.info(
                     "cached %s, %d bytes (%d resumed from the spool), in %.2fs",
@@ -376,6 +636,9 @@ class PullThroughRegistry:
                     fill.resumed,
                     elapsed,
                 )
+                self._fill_done(repo, fill.written)  # it may take the cache over its budget
+            else:
+                self._fill_done(repo, 0, storage_full=True)
 
         self._spawn(run())
         return fill
@@ -489,7 +752,12 @@ class PullThroughRegistry:
             return self._serve_stale(
                 upstream, repo, tag, cached, "the upstream's rate limit is used up"
             )
-        revalidate = lambda: self._revalidate(upstream, remote, repo, tag, cached)  # noqa: E731
+        if self.cluster is None:
+            revalidate = lambda: self._revalidate(upstream, remote, repo, tag, cached)  # noqa: E731
+        else:  # once for all processes sharing the metadata store
+            revalidate = lambda: self._revalidate_once(  # noqa: E731
+                upstream, remote, repo, tag, cached, ttl
+            )
         if upstream.config.stale_while_revalidate:
             self._start_flight(repo, tag, revalidate)
             return self._serve_stale(upstream, repo, tag, cached, "revalidating in the background")
@@ -503,6 +771,26 @@ class PullThroughRegistry:
             confirmed = await self.meta.tag_checked(repo, tag) != checked
             self._outcome(repo, "manifest", HIT if confirmed else STALE)
         return got
+
+    async def _revalidate_once(
+        self, upstream: Upstream, remote: str, repo: str, tag: str, cached: ManifestRow, ttl: float
+    ) -> ManifestRow:
+        """One revalidation per tag at a time in the whole cluster: while another process
+        holds the tag's lease, the cached copy is served."""
+        assert self.cluster is not None
+        leases = self.cluster.leases
+        key = tag_key(repo, tag)
+        row = await leases.acquire(key)
+        if not leases.mine(row):
+            return cached
+        try:
+            checked = await self.meta.tag_checked(repo, tag)
+            if checked is not None and time.time() - checked < ttl:
+                fresh = await self.meta.get_tagged_manifest(repo, tag)  # done by another
+                return fresh if fresh is not None else cached
+            return await self._revalidate(upstream, remote, repo, tag, cached)
+        finally:
+            await leases.release(key)
 
     async def _fetch_remembering_misses(
         self,
@@ -753,6 +1041,17 @@ class PullThroughRegistry:
         return await self.hosted.list_repositories(last, limit)
 
 
+def in_flight(blob: BlobRow) -> bool:
+    """Whether the row stands for a blob still arriving (read through the pull-through
+    registry, not storage)."""
+    return blob.storage_key == FILLING or blob.storage_key.startswith(FOLLOWING)
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""
+
+
 async def _body(response: aiohttp.ClientResponse, skip: int) -> AsyncIterator[bytes]:
     """The body of a blob GET past its first ``skip`` bytes. When the connection breaks,
     what had arrived is passed on before the error: aiohttp raises on the next read,
@@ -808,6 +1107,20 @@ def _resumable(exc: BaseException) -> bool:
     if isinstance(exc, UpstreamStatus):
         return exc.status == 429 or exc.status >= 500
     return True
+
+
+async def _verify_spool(fill: Fill, digest: Digest) -> None:
+    """Check the digest of a fill's spool (when storage, which checks it otherwise, is full)."""
+
+    def digest_of_spool() -> str:
+        hasher = hashlib.new(digest.algorithm)
+        with open(fill.spool, "rb") as spool:
+            while chunk := spool.read(1 << 20):
+                hasher.update(chunk)
+        return hasher.hexdigest()
+
+    if await asyncio.to_thread(digest_of_spool) != digest.hex:
+        raise DigestInvalid(f"the upstream's bytes for {digest} have another digest")
 
 
 def _blob_error(exc: BaseException, digest: Digest) -> RegistryError:

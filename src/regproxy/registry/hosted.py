@@ -9,6 +9,7 @@ deleted), so a crash at any point leaves at worst unreferenced bytes, never a ro
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import time
@@ -29,6 +30,7 @@ from regproxy.errors import (
     NameUnknown,
     RangeInvalid,
     SizeInvalid,
+    StorageFull,
     Unavailable,
 )
 from regproxy.meta.base import BlobRow, ManifestRow, MetadataStore, UploadRow
@@ -47,10 +49,16 @@ def range_header(offset: int) -> str:
     return f"0-{max(offset - 1, 0)}"
 
 
+def is_storage_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class HostedRegistry:
-    def __init__(self, meta: MetadataStore, storage: BlobStore) -> None:
+    def __init__(self, meta: MetadataStore, storage: BlobStore, *, gc_grace: float = 0.0) -> None:
         self.meta = meta
         self.storage = storage
+        # A blob linked longer ago than this, and referenced by no manifest, is garbage.
+        self.gc_grace = gc_grace
         # The running hash of each upload this process is receiving, valid at an offset.
         # hashlib state cannot be stored; another process re-hashes the stored prefix once.
         self._hashers: dict[str, tuple[int, Hasher]] = {}
@@ -70,6 +78,13 @@ class HostedRegistry:
         blob = await self.meta.get_repo_blob(repo, digest)
         if blob is None:
             raise BlobUnknown(detail={"digest": str(digest)})
+        now = time.time()
+        if self.gc_grace > 0 and blob.linked is not None and blob.linked < now - self.gc_grace / 4:
+            # "It exists": the client may skip the upload and name the blob in a manifest a
+            # while later, so the blob lives at least 3/4 of a grace more. Refreshing at most
+            # once per quarter grace per link keeps HEADs and GETs (almost) free of writes.
+            if not await self.meta.touch_link(repo, digest, now):
+                raise BlobUnknown(detail={"digest": str(digest)})  # collected meanwhile
         return blob
 
     stat_blob = get_blob
@@ -112,9 +127,8 @@ class HostedRegistry:
             blob = await self.meta.get_blob(digest) if readable else None
         else:
             blob = await self.meta.get_blob(digest)
-        if blob is None:
-            return None
-        await self.meta.link_blob(repo, digest)
+        if blob is None or not await self.meta.link_blob(repo, digest):
+            return None  # not stored, or collected since we looked: the client uploads it
         return blob
 
     # -- uploads ----------------------------------------------------------------------------
@@ -371,15 +385,39 @@ class HostedRegistry:
                     f"Content-Range announced {expected} bytes, the body had {received}"
                 )
             state = "" if keep_open else await writer.suspend()
-        except BaseException:
+        except BaseException as exc:
             # Roll back to the recorded offset: the next writer truncates what came after it.
             self._hashers[upload.id] = (upload.offset, before)
             with suppress(Exception):
                 await writer.release()
+            if is_storage_full(exc):
+                raise await self._storage_full(upload, exc) from exc
             raise
         # Until _record stores the new offset, the hasher matches no recorded offset.
         self._hashers.pop(upload.id, None)
         return writer.size, state
+
+    async def _storage_full(self, upload: UploadRow, exc: BaseException) -> StorageFull:
+        """A full disk ends the upload: nothing partial stays behind to keep the disk full."""
+        log.warning("storage full, dropping upload %s of %s: %s", upload.id, upload.repo, exc)
+        try:
+            try:
+                await self._forget(upload)
+            except OSError as full:
+                if not is_storage_full(full):
+                    raise
+                # Too full even to record the deletion (metadata on the same disk): free the
+                # bytes first, then the row. Meanwhile the upload answers "unknown" at worst.
+                self._hashers.pop(upload.id, None)
+                await self.storage.delete_upload(upload.id, upload.state)
+                await self.meta.delete_upload(upload.id)
+        except Exception as cleanup:  # the stale-upload purge or the orphan sweep takes it
+            log.warning("could not drop upload %s: %r", upload.id, cleanup)
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        return StorageFull(
+            f"the registry's storage is full ({reason}); nothing of this upload was kept",
+            detail={"upload_id": upload.id},
+        )
 
     async def _record(self, upload: UploadRow, size: int, state: str, hasher: Hasher) -> UploadRow:
         now = time.time()
@@ -445,16 +483,19 @@ class HostedRegistry:
             tags.insert(0, oci.parse_tag(reference))
             digest = Digest.of(content)
         parsed = parse_manifest(content_type, content)
-        missing = await self.meta.missing_references(repo, parsed.references)
+        manifest = ManifestRow(
+            digest, parsed.media_type, content, parsed.subject, parsed.artifact_type
+        )
+        # Checked in the write transaction that stores the manifest: GC either collected a
+        # blob before (a clean error) or sees the new reference and keeps it.
+        missing = await self.meta.put_manifest(
+            repo, manifest, parsed.references, tags, check_references=True
+        )
         if missing:
             raise ManifestBlobUnknown(
                 f"manifest references {len(missing)} unknown blob(s) or manifest(s)",
                 detail=[{"digest": str(ref.digest)} for ref in missing],
             )
-        manifest = ManifestRow(
-            digest, parsed.media_type, content, parsed.subject, parsed.artifact_type
-        )
-        await self.meta.put_manifest(repo, manifest, parsed.references, tags)
         return manifest
 
     async def delete_manifest(self, repo: str, reference: str) -> None:

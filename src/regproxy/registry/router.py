@@ -14,18 +14,27 @@ from typing import Any
 
 from regproxy.meta.base import BlobRow, ManifestRow, UploadRow
 from regproxy.oci import Digest
-from regproxy.proxy.pullthrough import FILLING, PullThroughRegistry
+from regproxy.proxy.pullthrough import PullThroughRegistry, in_flight
 from regproxy.registry.base import ContentRange, Registry
 from regproxy.registry.hosted import HostedRegistry
+
+# Told of every manifest served (GET or HEAD, by tag or digest): repository and digest.
+OnPull = Callable[[str, Digest], None]
 
 
 class RegistryRouter:
     def __init__(
-        self, hosted: HostedRegistry, proxy: PullThroughRegistry, default_upstream: str = ""
+        self,
+        hosted: HostedRegistry,
+        proxy: PullThroughRegistry,
+        default_upstream: str = "",
+        on_pull: OnPull | None = None,
     ) -> None:
         self.hosted = hosted
         self.proxy = proxy
         self.default_upstream = default_upstream
+        # Pull times for retention and cache eviction, hosted and cached alike (no I/O here).
+        self.on_pull = on_pull
 
     def namespace_prefix(self, ns: str) -> str | None:
         return self.proxy.namespace_prefix(ns)
@@ -61,12 +70,15 @@ class RegistryRouter:
         return await self.proxy.blob_redirect_url(blob)
 
     def read_blob(self, blob: BlobRow, start: int, length: int) -> AsyncIterator[bytes]:
-        registry: Registry = self.proxy if blob.storage_key == FILLING else self.hosted
+        registry: Registry = self.proxy if in_flight(blob) else self.hosted
         return registry.read_blob(blob, start, length)
 
     async def get_manifest(self, repo: str, reference: str) -> ManifestRow:
         registry, repo = await self._for_read(repo)
-        return await registry.get_manifest(repo, reference)
+        manifest = await registry.get_manifest(repo, reference)
+        if self.on_pull is not None:
+            self.on_pull(repo, manifest.digest)
+        return manifest
 
     async def list_tags(self, repo: str, last: str, limit: int) -> list[str]:
         registry, repo = await self._for_read(repo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,22 @@ class UploadLost(BlobUploadUnknown):
             f"the stored bytes of upload {upload_id} are gone; start the upload again",
             detail={"upload_id": upload_id},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """An object found in storage, for the orphan sweep and ``regproxy check``.
+
+    ``key``: for a blob, the key a blob row records; for an upload's object, a handle for
+    ``delete_upload_object``. ``upload_id``: the upload that made (or is making) it, when the
+    key says. ``multipart``: an unfinished S3 multipart upload's id.
+    """
+
+    key: str
+    size: int
+    mtime: float
+    upload_id: str | None
+    multipart: str | None = None
 
 
 class BlobWriter(Protocol):
@@ -89,5 +106,19 @@ class BlobStore(Protocol):
     async def exists(self, key: str) -> bool: ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def stat(self, key: str) -> int | None:
+        """The size of a committed blob, None when it is not there."""
+        ...
+
+    def list_blobs(self) -> AsyncIterator[StoredObject]:
+        """Every object where committed blobs live (some may be orphans, or in progress)."""
+        ...
+
+    def list_upload_objects(self) -> AsyncIterator[StoredObject]:
+        """Every object that belongs to an upload in progress (or an abandoned one)."""
+        ...
+
+    async def delete_upload_object(self, obj: StoredObject) -> None: ...
 
     async def close(self) -> None: ...

@@ -1,4 +1,9 @@
-"""Blobs as files: ``blobs/<algorithm>/<hex[:2]>/<hex>``, uploads as ``uploads/<upload_id>``.
+"""Blob files: ``blobs/<algorithm>/<hex[:2]>/<hex>.<upload_id>``;
+uploads as ``uploads/<upload_id>``.
+
+A committed blob's file is named after the upload that made it, as S3's objects are: a second
+upload of the same digest never writes over a file that GC may be deleting (the row's key is
+what counts). Files named ``<hex>`` alone, from before, keep working.
 
 Keys and paths are built only from parsed digests and server-made upload ids, so no request
 can name a path outside the storage root. Every file operation runs in a worker thread.
@@ -13,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from regproxy.oci import Digest
-from regproxy.storage.base import UploadLost
+from regproxy.storage.base import StoredObject, UploadLost
 
 READ_SIZE = 1 << 20
 # With fsync on, the bytes of an upload are handed to the disk every this many bytes, as
@@ -26,8 +31,11 @@ class ShortFile(OSError):
 
 
 class FilesystemBlobWriter:
-    def __init__(self, store: FilesystemBlobStore, path: Path, f: BinaryIO, size: int) -> None:
+    def __init__(
+        self, store: FilesystemBlobStore, upload_id: str, path: Path, f: BinaryIO, size: int
+    ) -> None:
         self._store = store
+        self._upload_id = upload_id
         self._path = path
         self._file: BinaryIO | None = f
         self._size = size
@@ -61,7 +69,7 @@ class FilesystemBlobWriter:
         return ""
 
     async def commit(self, digest: Digest) -> str:
-        key = self._store.blob_key(digest)
+        key = self._store.blob_key(digest, self._upload_id)
         target = self._store.root / "blobs" / key
         fsync = self._store.fsync
 
@@ -70,6 +78,7 @@ class FilesystemBlobWriter:
             if fsync:
                 os.fsync(f.fileno())
             f.close()
+            os.utime(self._path)  # a fresh blob is never mistaken for an old orphan
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self._path, target)
 
@@ -99,8 +108,9 @@ class FilesystemBlobStore:
             (root / sub).mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def blob_key(digest: Digest) -> str:
-        return f"{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+    def blob_key(digest: Digest, upload_id: str) -> str:
+        """The key of the blob ``upload_id`` committed: one file per upload, never shared."""
+        return f"{digest.algorithm}/{digest.hex[:2]}/{digest.hex}.{upload_id}"
 
     def _upload_path(self, upload_id: str) -> Path:
         return self.root / "uploads" / upload_id
@@ -128,7 +138,7 @@ class FilesystemBlobStore:
             return f
 
         f = await asyncio.to_thread(open_file)
-        return FilesystemBlobWriter(self, path, f, offset if state is not None else 0)
+        return FilesystemBlobWriter(self, upload_id, path, f, offset if state is not None else 0)
 
     async def read_upload(self, upload_id: str, state: str, length: int) -> AsyncIterator[bytes]:
         try:
@@ -145,7 +155,7 @@ class FilesystemBlobStore:
         return size is not None and size >= offset
 
     async def published(self, upload_id: str, digest: Digest) -> tuple[str, int] | None:
-        key = self.blob_key(digest)
+        key = self.blob_key(digest, upload_id)
         size = await asyncio.to_thread(_size_of, self._blob_path(key))
         return None if size is None else (key, size)
 
@@ -164,6 +174,28 @@ class FilesystemBlobStore:
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._blob_path(key).unlink, True)
 
+    async def stat(self, key: str) -> int | None:
+        try:
+            return (await asyncio.to_thread(self._blob_path(key).stat)).st_size
+        except FileNotFoundError:
+            return None
+
+    async def list_blobs(self) -> AsyncIterator[StoredObject]:
+        root = self.root / "blobs"
+        for algorithm in await asyncio.to_thread(_subdirs, root):
+            for folder in await asyncio.to_thread(_subdirs, root / algorithm):
+                base = f"{algorithm}/{folder}/"
+                for name, size, mtime in await asyncio.to_thread(_files, root / base):
+                    _, dot, upload_id = name.partition(".")
+                    yield StoredObject(base + name, size, mtime, upload_id if dot else None)
+
+    async def list_upload_objects(self) -> AsyncIterator[StoredObject]:
+        for name, size, mtime in await asyncio.to_thread(_files, self.root / "uploads"):
+            yield StoredObject(name, size, mtime, name)
+
+    async def delete_upload_object(self, obj: StoredObject) -> None:
+        await asyncio.to_thread(self._upload_path(obj.key).unlink, True)
+
     async def close(self) -> None:
         return None
 
@@ -173,6 +205,24 @@ def _size_of(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
+
+
+def _subdirs(path: Path) -> list[str]:
+    with os.scandir(path) as entries:
+        return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+
+
+def _files(path: Path) -> list[tuple[str, int, float]]:
+    found = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                found.append((entry.name, st.st_size, st.st_mtime))
+    return sorted(found)
 
 
 async def _read_file(path: Path, start: int, length: int) -> AsyncIterator[bytes]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from regproxy.metrics import Metrics, timed_stream
 from regproxy.oci import Digest
-from regproxy.storage.base import BlobStore, BlobWriter
+from regproxy.storage.base import BlobStore, BlobWriter, StoredObject
 
 
 class _TimedWriter:
@@ -86,6 +86,20 @@ class InstrumentedBlobStore:
 
     async def delete(self, key: str) -> None:
         await self._metrics.timed(self._driver, "delete", self.inner.delete(key))
+
+    async def stat(self, key: str) -> int | None:
+        return await self._metrics.timed(self._driver, "stat", self.inner.stat(key))
+
+    def list_blobs(self) -> AsyncIterator[StoredObject]:
+        return self.inner.list_blobs()  # a sweep's listing: its pace is the sweep's
+
+    def list_upload_objects(self) -> AsyncIterator[StoredObject]:
+        return self.inner.list_upload_objects()
+
+    async def delete_upload_object(self, obj: StoredObject) -> None:
+        await self._metrics.timed(
+            self._driver, "delete_upload_object", self.inner.delete_upload_object(obj)
+        )
 
     async def close(self) -> None:
         await self.inner.close()

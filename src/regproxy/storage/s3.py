@@ -60,7 +60,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from regproxy.config import ConfigError, S3Config
 from regproxy.errors import BlobUploadUnknown, SizeInvalid, Unavailable
 from regproxy.oci import Digest
-from regproxy.storage.base import UploadLost
+from regproxy.storage.base import StoredObject, UploadLost
 from regproxy.streams import rechunk
 
 log = logging.getLogger(__name__)
@@ -418,6 +418,48 @@ class S3BlobStore:
 
     async def delete(self, key: str) -> None:
         await self._call("delete_object", Key=self._full(key))
+
+    async def stat(self, key: str) -> int | None:
+        found = await self._head(self._full(key))
+        return found.size if found is not None else None
+
+    async def list_blobs(self) -> AsyncIterator[StoredObject]:
+        async for key, size, mtime in self._list(f"{self.prefix}blobs/"):
+            yield StoredObject(key, size, mtime, key.split("/", 1)[1])
+
+    async def list_upload_objects(self) -> AsyncIterator[StoredObject]:
+        async for key, size, mtime in self._list(f"{self.prefix}uploads/"):
+            yield StoredObject(key, size, mtime, key.split("/")[1])
+        params: dict[str, Any] = {"Prefix": f"{self.prefix}blobs/"}
+        while True:
+            page = await self._call("list_multipart_uploads", **params)
+            for item in page.get("Uploads", []):
+                key = item["Key"][len(self.prefix) :]
+                mtime = item["Initiated"].timestamp()
+                yield StoredObject(key, 0, mtime, key.split("/", 1)[1], item["UploadId"])
+            if not page.get("IsTruncated"):
+                break
+            params["KeyMarker"] = page["NextKeyMarker"]
+            params["UploadIdMarker"] = page["NextUploadIdMarker"]
+
+    async def delete_upload_object(self, obj: StoredObject) -> None:
+        if obj.multipart is not None:
+            await self._abort_multipart(self._full(obj.key), obj.multipart)
+        else:
+            await self._call("delete_object", Key=self._full(obj.key))
+
+    async def _list(self, prefix: str) -> AsyncIterator[tuple[str, int, float]]:
+        """(key without the configured prefix, size, mtime) of each object under ``prefix``."""
+        params: dict[str, Any] = {"Prefix": prefix}
+        while True:
+            page = await self._call("list_objects_v2", **params)
+            for item in page.get("Contents", []):
+                key = item["Key"][len(self.prefix) :]
+                yield key, item["Size"], item["LastModified"].timestamp()
+            token = page.get("NextContinuationToken")
+            if not token:
+                break
+            params["ContinuationToken"] = token
 
     # -- S3 calls --------------------------------------------------------------------------
 

@@ -637,7 +637,7 @@ async def list_upstreams(request: web.Request, caller: Caller) -> web.StreamResp
         misses = got.misses if got else 0.0
         lookups = hits + misses
         ratio = f"{hits / lookups:.0%}" if lookups else "-"
-        blobs, size = await meta.cache_usage(name)
+        blobs, size = await meta.cache_totals(name)
         budget = cache_budget(upstream.config)
         cache = f"{human_size(size)} in {blobs:,} blobs"
         if budget:

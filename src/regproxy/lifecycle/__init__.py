@@ -1,0 +1,1 @@
+"""Storage lifecycle: garbage collection, retention rules, cache eviction and checks."""
