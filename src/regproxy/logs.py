@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, Final, TextIO
@@ -22,9 +23,20 @@ _IN_ACCESS_MESSAGE: Final = frozenset({"method", "path", "status"})
 _TLS_MARKER: Final = "HTTPS traffic on an HTTP port"
 
 
+class _Seconds:
+    """The formatted second of the last record: most lines fall in the same second as the
+    one before them, and ``strftime`` costs more than the rest of a timestamp."""
+
+    second = -1
+    text = ""
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-    return f"{seconds}.{int(record.msecs):03d}Z"
+    second = int(record.created)
+    if second != _Seconds.second:
+        _Seconds.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _Seconds.second = second
+    return f"{_Seconds.text}.{int(record.msecs):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -77,9 +89,12 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+_NEEDS_QUOTES: Final = re.compile(r'[ "=\n]')
+
+
 def _text(value: Any) -> str:
     text = str(value)
-    return json.dumps(text) if not text or any(c in text for c in ' "=\n') else text
+    return json.dumps(text) if not text or _NEEDS_QUOTES.search(text) else text
 
 
 class TlsProbeFilter(logging.Filter):
@@ -115,6 +130,11 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # What a record costs to make (an access line per request): no formatter here shows the
+    # thread, the process name or the calling function, so logging need not look them up.
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # the logging HOWTO's "Optimization": no caller frame lookup
     server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, TlsProbeFilter) for f in server.filters):
         server.addFilter(TlsProbeFilter())

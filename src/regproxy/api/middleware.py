@@ -187,7 +187,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         request[PULL_OUTCOME] = record
         if metrics is None:
             return await handler(request)
-        gauge = metrics.http_in_flight.labels(handler_name(request))
+        gauge = metrics.in_flight(handler_name(request))
         gauge.inc()
         try:
             return await handler(request)
@@ -239,10 +239,8 @@ class AccessLogger(AbstractAccessLogger):
         outcome = request.get(PULL_OUTCOME) if isinstance(request, web.Request) else None
         metrics = request.config_dict.get(METRICS) if isinstance(request, web.Request) else None
         if metrics is not None:
-            metrics.http_requests.labels(request.method, name, str(response.status)).inc()
-            metrics.http_duration.labels(name, request.method).observe(time)
-            metrics.http_response_size.labels(name).observe(sent)
-            metrics.http_request_size.labels(name).observe(request.content.total_bytes)
+            received = request.content.total_bytes
+            metrics.answered(request.method, name, str(response.status), time, sent, received)
             if outcome is not None and response.status < 400:  # error bodies are not pulls
                 metrics.pushed(outcome, sent)
         if not self.logger.isEnabledFor(logging.INFO):
