@@ -18,7 +18,6 @@ from regproxy.api.middleware import (
     InFlight,
     add_common_headers,
     errors_middleware,
-    observe_middleware,
 )
 from regproxy.api.ops import READINESS, Readiness
 from regproxy.api.routes import add_routes
@@ -248,21 +247,21 @@ async def _cache_evictor(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     """The registry app; ``metrics`` defaults to a fresh ``Metrics`` of its own."""
-    in_flight = InFlight()
     # Users, rules and the token key are read now, so a bad one stops start-up (ConfigError);
     # upstream prefixes are pull-only for everyone.
     auth = build_authenticator(config, pull_only=upstream_prefixes(config.upstreams))
+    metrics = metrics if metrics is not None else Metrics()
+    in_flight = InFlight(metrics)
     app = web.Application(
         middlewares=[
-            observe_middleware,
             in_flight.middleware,
             errors_middleware,
             auth_middleware,
         ]
     )
     app[CONFIG] = config
-    app[METRICS] = metrics if metrics is not None else Metrics()
-    auth.metrics = app[METRICS]
+    app[METRICS] = metrics
+    auth.metrics = metrics
     app[READINESS] = Readiness()
     app[AUTH] = auth
     app[IN_FLIGHT] = in_flight

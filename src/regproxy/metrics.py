@@ -26,8 +26,7 @@ from __future__ import annotations
 import contextvars
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -76,15 +75,19 @@ _CURRENT_OUTCOME: contextvars.ContextVar[PullOutcome | None] = contextvars.Conte
 )
 
 
-@contextmanager
-def outcome_scope() -> Iterator[PullOutcome]:
-    """A fresh outcome record for the code run inside (one request)."""
-    record = PullOutcome()
-    token = _CURRENT_OUTCOME.set(record)
-    try:
-        yield record
-    finally:
-        _CURRENT_OUTCOME.reset(token)
+class OutcomeScope:
+    """``with OutcomeScope() as record``: a fresh outcome record for the code run inside (one
+    request). A class rather than a generator: it is entered once per request."""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> PullOutcome:
+        record = PullOutcome()
+        self._token = _CURRENT_OUTCOME.set(record)
+        return record
+
+    def __exit__(self, *exc_info: object) -> None:
+        _CURRENT_OUTCOME.reset(self._token)
 
 
 @dataclass(frozen=True)
