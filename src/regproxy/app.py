@@ -33,7 +33,6 @@ from regproxy.errors import Unavailable
 from regproxy.lifecycle.eviction import EVICTOR, CacheEvictor
 from regproxy.lifecycle.pulls import PULLS, PullRecorder
 from regproxy.meta.base import MetadataStore
-from regproxy.meta.postgres import PostgresMetadataStore
 from regproxy.meta.sqlite import SqliteMetadataStore
 from regproxy.metrics import METRICS, Metrics, gauge
 from regproxy.proxy.pullthrough import PULL_THROUGH, PullThroughRegistry
@@ -43,13 +42,14 @@ from regproxy.registry.router import RegistryRouter
 from regproxy.storage.base import BlobStore
 from regproxy.storage.filesystem import FilesystemBlobStore
 from regproxy.storage.instrumented import InstrumentedBlobStore
-from regproxy.storage.s3 import S3BlobStore
 from regproxy.tasks import HOSTED, background_tasks
 
 
 @contextlib.asynccontextmanager
 async def _blob_store(config: Config) -> AsyncIterator[BlobStore]:
     if config.storage.backend == "s3":
+        from regproxy.storage.s3 import S3BlobStore  # botocore: ~10 MiB only S3 needs
+
         async with S3BlobStore.connect(config.storage.s3) as s3:
             yield s3
         return
@@ -62,6 +62,8 @@ async def _blob_store(config: Config) -> AsyncIterator[BlobStore]:
 
 async def _metadata_store(config: Config) -> MetadataStore:
     if config.metadata.backend == "postgres":
+        from regproxy.meta.postgres import PostgresMetadataStore  # asyncpg, only then
+
         settings = config.metadata
         try:
             return await PostgresMetadataStore.open(
