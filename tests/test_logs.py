@@ -87,3 +87,56 @@ def test_tls_probe_becomes_one_debug_line() -> None:
     assert probe.levelno == logging.DEBUG and probe.exc_info is None
     assert probe.getMessage().startswith("TLS handshake from 10.0.0.1")
     assert garbage.levelno == logging.ERROR and garbage.exc_info is not None  # left alone
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+        self.flushed = ""
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.flushed = self.getvalue()
+
+
+def test_lines_on_the_loop_are_flushed_once_per_iteration(restore_logging: None) -> None:
+    import asyncio
+
+    from regproxy.logs import LoopFlushedHandler
+
+    stream = _CountingStream()
+    handler = LoopFlushedHandler(stream)
+    log = logging.getLogger("regproxy.test.flush")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("before the loop")
+        assert (stream.flushes, stream.flushed) == (1, "before the loop\n")
+
+        async def burst() -> None:
+            for n in range(50):
+                log.warning("line %d", n)
+            assert stream.flushes == 1  # queued, not yet written
+            await asyncio.sleep(0)  # the next iteration
+            assert stream.flushes == 2 and stream.flushed.endswith("line 49\n")
+            log.warning("again")
+            await asyncio.sleep(0)
+            assert stream.flushes == 3 and stream.flushed.endswith("again\n")
+
+        asyncio.run(burst())
+        asyncio.run(_another(log, stream))
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+
+
+async def _another(log: logging.Logger, stream: _CountingStream) -> None:
+    """A second event loop in the same process flushes too (the first one's queued flush,
+    if it never ran, does not hold it up)."""
+    import asyncio
+
+    before = stream.flushes
+    log.warning("on a new loop")
+    await asyncio.sleep(0)
+    assert stream.flushes == before + 1 and stream.flushed.endswith("on a new loop\n")

@@ -18,7 +18,6 @@ from regproxy.api.middleware import (
     InFlight,
     add_common_headers,
     errors_middleware,
-    observe_middleware,
 )
 from regproxy.api.ops import READINESS, Readiness
 from regproxy.api.routes import add_routes
@@ -34,7 +33,6 @@ from regproxy.errors import Unavailable
 from regproxy.lifecycle.eviction import EVICTOR, CacheEvictor
 from regproxy.lifecycle.pulls import PULLS, PullRecorder
 from regproxy.meta.base import MetadataStore
-from regproxy.meta.postgres import PostgresMetadataStore
 from regproxy.meta.sqlite import SqliteMetadataStore
 from regproxy.metrics import METRICS, Metrics, gauge
 from regproxy.proxy.pullthrough import PULL_THROUGH, PullThroughRegistry
@@ -44,13 +42,14 @@ from regproxy.registry.router import RegistryRouter
 from regproxy.storage.base import BlobStore
 from regproxy.storage.filesystem import FilesystemBlobStore
 from regproxy.storage.instrumented import InstrumentedBlobStore
-from regproxy.storage.s3 import S3BlobStore
 from regproxy.tasks import HOSTED, background_tasks
 
 
 @contextlib.asynccontextmanager
 async def _blob_store(config: Config) -> AsyncIterator[BlobStore]:
     if config.storage.backend == "s3":
+        from regproxy.storage.s3 import S3BlobStore  # botocore: ~10 MiB only S3 needs
+
         async with S3BlobStore.connect(config.storage.s3) as s3:
             yield s3
         return
@@ -63,6 +62,8 @@ async def _blob_store(config: Config) -> AsyncIterator[BlobStore]:
 
 async def _metadata_store(config: Config) -> MetadataStore:
     if config.metadata.backend == "postgres":
+        from regproxy.meta.postgres import PostgresMetadataStore  # asyncpg, only then
+
         settings = config.metadata
         try:
             return await PostgresMetadataStore.open(
@@ -248,21 +249,21 @@ async def _cache_evictor(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     """The registry app; ``metrics`` defaults to a fresh ``Metrics`` of its own."""
-    in_flight = InFlight()
     # Users, rules and the token key are read now, so a bad one stops start-up (ConfigError);
     # upstream prefixes are pull-only for everyone.
     auth = build_authenticator(config, pull_only=upstream_prefixes(config.upstreams))
+    metrics = metrics if metrics is not None else Metrics()
+    in_flight = InFlight(metrics)
     app = web.Application(
         middlewares=[
-            observe_middleware,
             in_flight.middleware,
             errors_middleware,
             auth_middleware,
         ]
     )
     app[CONFIG] = config
-    app[METRICS] = metrics if metrics is not None else Metrics()
-    auth.metrics = app[METRICS]
+    app[METRICS] = metrics
+    auth.metrics = metrics
     app[READINESS] = Readiness()
     app[AUTH] = auth
     app[IN_FLIGHT] = in_flight

@@ -140,6 +140,7 @@ def _serve_one(
     import asyncio
 
     from regproxy.api.middleware import AccessLogger
+    from regproxy.logs import flush as flush_logs
     from regproxy.preflight import StartupError
     from regproxy.server import run
 
@@ -159,6 +160,8 @@ def _serve_one(
         return _cannot_start(config, f"configuration error: {exc}")
     except StartupError as exc:  # a port in use, a data directory it cannot use
         return _cannot_start(config, str(exc))
+    finally:
+        flush_logs()  # a worker ends with os._exit: no atexit flushes its last lines
     return 0
 
 
@@ -195,6 +198,9 @@ def serve_worker(config: Config, slot: int, ready: Connection) -> None:
 
 def _cannot_start(config: Config, message: str) -> int:
     """One line on stderr (a JSON object with log_format = "json"), exit status 2."""
+    from regproxy.logs import flush as flush_logs
+
+    flush_logs()  # the lines logged before it, first
     if config.log_format == "json":
         logging.getLogger("regproxy").error("%s", message)
     else:

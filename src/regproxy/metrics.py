@@ -26,8 +26,7 @@ from __future__ import annotations
 import contextvars
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -55,6 +54,8 @@ _DURATION_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 _SIZE_BUCKETS = tuple(float(4**i) for i in range(4, 17))  # 256 B .. 4 GiB, times 4
 
 T = TypeVar("T")
+# An answered request's children: requests counter, duration, response and request sizes.
+_AnsweredChildren = tuple[Counter, Histogram, Histogram, Histogram]
 
 
 @dataclass
@@ -74,15 +75,19 @@ _CURRENT_OUTCOME: contextvars.ContextVar[PullOutcome | None] = contextvars.Conte
 )
 
 
-@contextmanager
-def outcome_scope() -> Iterator[PullOutcome]:
-    """A fresh outcome record for the code run inside (one request)."""
-    record = PullOutcome()
-    token = _CURRENT_OUTCOME.set(record)
-    try:
-        yield record
-    finally:
-        _CURRENT_OUTCOME.reset(token)
+class OutcomeScope:
+    """``with OutcomeScope() as record``: a fresh outcome record for the code run inside (one
+    request). A class rather than a generator: it is entered once per request."""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> PullOutcome:
+        record = PullOutcome()
+        self._token = _CURRENT_OUTCOME.set(record)
+        return record
+
+    def __exit__(self, *exc_info: object) -> None:
+        _CURRENT_OUTCOME.reset(self._token)
 
 
 @dataclass(frozen=True)
@@ -291,6 +296,38 @@ class Metrics:
         )
         self._scrape = _ScrapeCollector()
         r.register(self._scrape)
+        # The labelled children of the HTTP metrics, per label values: finding a child through
+        # ``labels()`` costs more than counting in it, and this happens on every request.
+        self._answered: dict[tuple[str, str, str], _AnsweredChildren] = {}
+        self._running: dict[str, Gauge] = {}
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def in_flight(self, handler: str) -> Gauge:
+        """The in-flight gauge of ``handler``'s requests."""
+        gauge = self._running.get(handler)
+        if gauge is None:
+            gauge = self._running[handler] = self.http_in_flight.labels(handler)
+        return gauge
+
+    def answered(
+        self, method: str, handler: str, code: str, seconds: float, sent: int, received: int
+    ) -> None:
+        """One request answered: its count, duration and body sizes."""
+        key = (method, handler, code)
+        children = self._answered.get(key)
+        if children is None:
+            children = self._answered[key] = (
+                self.http_requests.labels(method, handler, code),
+                self.http_duration.labels(handler, method),
+                self.http_response_size.labels(handler),
+                self.http_request_size.labels(handler),
+            )
+        requests, duration, response_size, request_size = children
+        requests.inc()
+        duration.observe(seconds)
+        response_size.observe(sent)
+        request_size.observe(received)
 
     # -- the pull-through cache ---------------------------------------------------------------
 

@@ -52,8 +52,11 @@ class Digest:
         return f"{self.algorithm}:{self.hex}"
 
 
+_LOWER_HEX_RE: Final = re.compile(r"[0-9a-f]*")
+
+
 def _is_lower_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
+    return _LOWER_HEX_RE.fullmatch(text) is not None
 
 
 def is_digest(reference: str) -> bool:

@@ -22,8 +22,10 @@ class Database:
         self.version: int | None = 1
         self.rows: dict[str, ManifestRow | None] = {}
         self.reads = 0
+        self.checks = 0
 
     def changes(self) -> int | None:
+        self.checks += 1
         return self.version
 
     def reader(
@@ -49,9 +51,31 @@ async def test_rows_and_misses_are_served_until_a_change() -> None:
     assert db.reads == 2
     db.rows["a"], db.rows["b"] = a2, b = row(b"a2"), row(b"b")
     db.version = 2
+    await asyncio.sleep(0)  # a client learns of a change by a later read of its socket
     assert await cache.get("a", db.reader("a")) == a2
     assert await cache.get("b", db.reader("b")) == b
     assert db.reads == 4
+
+
+async def test_the_counter_is_read_once_per_loop_iteration() -> None:
+    """Requests served in one iteration of the event loop share one read of the counter;
+    a change is seen from the next iteration on, which any request that can know of the
+    change runs in."""
+    db = Database()
+    cache = ManifestCache(db.changes)
+    db.rows["a"] = a = row(b"a")
+    for _ in range(5):
+        assert await cache.get("a", db.reader("a")) == a
+    assert db.checks == 1
+    db.rows["a"] = a2 = row(b"a2")
+    db.version = 2
+    assert await cache.get("a", db.reader("a")) == a  # the same iteration: not yet
+    await asyncio.sleep(0)
+    assert await cache.get("a", db.reader("a")) == a2
+    assert (db.checks, db.reads) == (2, 2)
+    await asyncio.sleep(0)
+    assert await cache.get("a", db.reader("a")) == a2
+    assert (db.checks, db.reads) == (3, 2)
 
 
 async def test_an_unknown_counter_caches_nothing() -> None:
@@ -75,6 +99,7 @@ async def test_a_row_read_before_a_change_is_not_kept() -> None:
     await asyncio.sleep(0)  # it has read the old row and waits
     db.rows["tag"] = new = row(b"new")
     db.version = 2
+    await asyncio.sleep(0)
     assert await cache.get("other", db.reader("other")) is None
     gate.set()
     assert await slow == old  # what it read, for the request that asked before the commit

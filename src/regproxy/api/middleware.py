@@ -31,7 +31,7 @@ from regproxy.errors import (
     Unsupported,
 )
 from regproxy.logs import ACCESS_FIELDS
-from regproxy.metrics import METRICS, PullOutcome, outcome_scope
+from regproxy.metrics import METRICS, Metrics, OutcomeScope, PullOutcome
 
 log = logging.getLogger("regproxy.api")
 
@@ -128,20 +128,28 @@ def _internal_error(request: web.Request) -> web.Response:
 
 
 class InFlight:
-    """Counts the requests whose handlers are running, so a shutdown can wait for them."""
+    """The first middleware: counts the requests whose handlers are running, so a shutdown can
+    wait for them (and the in-flight gauge, per route), and gives each request the record the
+    pull-through cache fills in for its access line."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self.count = 0
+        self._metrics = metrics
         self._idle = asyncio.Event()
         self._idle.set()
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        gauge = self._metrics.in_flight(handler_name(request))
         self.count += 1
         self._idle.clear()
+        gauge.inc()
         try:
-            return await handler(request)
+            with OutcomeScope() as record:
+                request[PULL_OUTCOME] = record
+                return await handler(request)
         finally:
+            gauge.dec()
             self.count -= 1
             if not self.count:
                 self._idle.set()
@@ -177,22 +185,6 @@ def handler_name(request: web.BaseRequest) -> str:
     if resource is None:
         return "unmatched"
     return HANDLER_NAMES.get(resource.canonical) or route.name or resource.canonical
-
-
-@web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts the request in flight and gives the pull-through cache a record to fill in."""
-    metrics = request.config_dict.get(METRICS)
-    with outcome_scope() as record:
-        request[PULL_OUTCOME] = record
-        if metrics is None:
-            return await handler(request)
-        gauge = metrics.http_in_flight.labels(handler_name(request))
-        gauge.inc()
-        try:
-            return await handler(request)
-        finally:
-            gauge.dec()
 
 
 def _header_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
@@ -239,10 +231,8 @@ class AccessLogger(AbstractAccessLogger):
         outcome = request.get(PULL_OUTCOME) if isinstance(request, web.Request) else None
         metrics = request.config_dict.get(METRICS) if isinstance(request, web.Request) else None
         if metrics is not None:
-            metrics.http_requests.labels(request.method, name, str(response.status)).inc()
-            metrics.http_duration.labels(name, request.method).observe(time)
-            metrics.http_response_size.labels(name).observe(sent)
-            metrics.http_request_size.labels(name).observe(request.content.total_bytes)
+            received = request.content.total_bytes
+            metrics.answered(request.method, name, str(response.status), time, sent, received)
             if outcome is not None and response.status < 400:  # error bodies are not pulls
                 metrics.pushed(outcome, sent)
         if not self.logger.isEnabledFor(logging.INFO):

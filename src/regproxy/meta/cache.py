@@ -7,10 +7,19 @@ has not changed since: ``changes()`` is a counter the backend reads without that
 (SQLite's ``PRAGMA data_version``, which moves on every commit of any other connection, in
 this process or another). Any change at all, a tag moved, a manifest deleted, even an upload
 recorded, drops the whole cache: coarse, but never stale.
+
+The counter is read at most once per iteration of the event loop: under load one iteration
+serves dozens of requests, and each read would cost more than the cache hit it guards. That
+is still never stale for a client. Whatever a request can know of a commit (the answer to
+its own PUT, or to another client's, sent by this process or another) came over a socket,
+so the request was read from its socket after the commit. Reading a socket and running the
+handler it wakes are queued callbacks, queued behind the one that ends the current read of
+the counter (``_expire``, queued as the counter is read); so that handler reads it anew.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 
@@ -27,6 +36,7 @@ class ManifestCache:
         self._rows: OrderedDict[Hashable, ManifestRow | None] = OrderedDict()
         self._bytes = 0
         self._seen: int | None = None  # the counter the cached rows were read at
+        self._fresh = False  # ``_seen`` was read in this iteration of the event loop
 
     async def get(
         self, key: Hashable, read: Callable[[], Awaitable[ManifestRow | None]]
@@ -45,12 +55,20 @@ class ManifestCache:
         return row
 
     def _current(self) -> int | None:
+        if self._fresh:
+            return self._seen
         changes = self._changes()
+        if changes is not None:
+            self._fresh = True
+            asyncio.get_running_loop().call_soon(self._expire)
         if changes is None or changes != self._seen:
             self._rows.clear()
             self._bytes = 0
             self._seen = changes
         return changes
+
+    def _expire(self) -> None:
+        self._fresh = False
 
     def _put(self, key: Hashable, row: ManifestRow | None) -> None:
         size = len(row.content) if row is not None else 0
