@@ -579,7 +579,7 @@ class PullThroughRegistry:
             upload = await self.hosted.start_upload(repo, digest.algorithm)
             try:
                 await fill.note_upload(upload.id)
-                # Clients see each piece as it arrives; storage and hashing get big chunks.
+                # Clients see each piece as it arrives; storage and hashing get STORE_CHUNKs.
                 chunks = rechunk(body(), STORE_CHUNK)
                 try:
                     await self.hosted.finish_upload(repo, upload.id, chunks, digest)

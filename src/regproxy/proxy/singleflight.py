@@ -268,11 +268,11 @@ class Fill:
     async def read(self, start: int, length: int) -> AsyncIterator[bytes]:
         """Bytes ``start .. start+length`` as the fill brings them in.
 
-        The pieces are read on the event loop, not in a worker thread: this fill wrote them
-        moments ago, so they come from the page cache, and a thread hop per piece costs more
-        than the copy. Worse, each worker thread allocates from a malloc arena of its own,
-        whose high-water mark stays: reading in threads made a third of the peak RSS of 8
-        concurrent cold pulls.
+        The pieces are read on the event loop, not in a worker thread: this fill (or, for
+        kept bytes, the fill it resumes) wrote them moments ago, so they come from the page
+        cache, and a thread hop per piece costs more than the copy of 128 KiB. Worse, each
+        worker thread allocates from a malloc arena of its own, whose high-water mark stays:
+        reading in threads made a third of the peak RSS of 8 concurrent cold pulls.
         """
         try:
             fd = await asyncio.to_thread(os.open, self.spool, os.O_RDONLY)
