@@ -3,12 +3,14 @@
 #
 #   scripts/profile.sh GROUP [OUT] [-- more bench.py arguments]
 #
-# GROUP is one of bench.py's --only groups: pushes, small, gets, manifests, wrk, tags.
+# GROUP is one of bench.py's --only groups: pushes, small, gets, manifests, wrk, tags, proxy.
 # py-spy (python3 -m pip install py-spy) samples the regproxy server process, all its
 # threads, from the moment bench.py names its PID until the server stops at the end of the
 # run, and writes OUT (default profile-GROUP.svg, a flame graph; an OUT ending in .txt gets
 # collapsed stacks instead, one line per stack: grep them, or feed them to flamegraph.pl).
 # With --workers N, only the supervisor is sampled: give py-spy a worker's PID instead.
+# With proxy, each run starts fresh caches: the first regproxy cache is sampled (one cold
+# pull and the warm pulls after it).
 #
 # Example: where a 64 MiB streamed PATCH spends its time, with fsync on:
 #   scripts/profile.sh pushes pushes.svg -- --quick --runs 1

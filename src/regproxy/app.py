@@ -136,7 +136,9 @@ def _client_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
         ),
         auto_decompress=False,  # blobs are passed on, and hashed, exactly as sent
         trust_env=False,  # only the configured upstream is ever contacted
-        read_bufsize=1 << 20,
+        # What aiohttp buffers per connection is up to twice this: the fills tee the body to
+        # disk as it comes, a bigger buffer only adds to each fill's memory.
+        read_bufsize=128 << 10,
     )
 
 

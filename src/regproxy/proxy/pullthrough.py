@@ -74,6 +74,10 @@ _CUT = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError,
 MAX_RESUMES = 3
 _CONTENT_RANGE_RE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+)")
 T = TypeVar("T")
+# The pieces a fill hands storage to hash and write (each in a worker thread). Smaller than
+# a pushed body's: the spool beside them takes the upstream's bursts, and every piece in
+# flight is memory held while clients read the fill.
+STORE_CHUNK = 256 << 10
 
 
 def describe_error(exc: BaseException) -> str:
@@ -575,8 +579,8 @@ class PullThroughRegistry:
             upload = await self.hosted.start_upload(repo, digest.algorithm)
             try:
                 await fill.note_upload(upload.id)
-                # Clients see each piece as it arrives; storage and hashing get big chunks.
-                chunks = rechunk(body())
+                # Clients see each piece as it arrives; storage and hashing get STORE_CHUNKs.
+                chunks = rechunk(body(), STORE_CHUNK)
                 try:
                     await self.hosted.finish_upload(repo, upload.id, chunks, digest)
                 except (StorageFull, OSError) as exc:
