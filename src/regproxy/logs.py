@@ -171,6 +171,7 @@ def configure_logging(
     handler.setFormatter(formatter(with_pid))
     root = logging.getLogger()
     for old in list(root.handlers):
+        old.flush()  # what a LoopFlushedHandler still holds
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
