@@ -79,13 +79,13 @@ class TextFormatter(logging.Formatter):
         line = f"{_timestamp(record)}{pid} {record.levelname} {record.name} {record.getMessage()}"
         fields = getattr(record, ACCESS_FIELDS, None)
         if isinstance(fields, dict):
-            extra = " ".join(
-                f"{key}={_text(value)}"
+            pairs = [
+                f"{key}={value if type(value) is int else _text(value)}"  # ints need no quotes
                 for key, value in fields.items()
-                if value not in (None, "") and key not in _IN_ACCESS_MESSAGE
-            )
-            if extra:
-                line = f"{line} {extra}"
+                if value is not None and value != "" and key not in _IN_ACCESS_MESSAGE
+            ]
+            if pairs:
+                line = f"{line} {' '.join(pairs)}"
         if record.exc_info:
             line = f"{line}\n{self.formatException(record.exc_info)}"
         return line
@@ -171,6 +171,7 @@ def configure_logging(
     handler.setFormatter(formatter(with_pid))
     root = logging.getLogger()
     for old in list(root.handlers):
+        old.flush()  # what a LoopFlushedHandler still holds
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -213,8 +213,9 @@ def body_bytes_sent(request: web.BaseRequest, response: web.StreamResponse) -> t
         return 0, False
     if request.method == "HEAD" or response.status in _NO_BODY_STATUSES:
         return 0, True
-    if response.content_length is not None:
-        return response.content_length, True
+    length = response.content_length
+    if length is not None:
+        return length, True
     return max(0, response.body_length - _header_bytes(request, response)), True
 
 
@@ -229,7 +230,7 @@ class AccessLogger(AbstractAccessLogger):
         sent, completed = body_bytes_sent(request, response)
         name = handler_name(request)
         outcome = request.get(PULL_OUTCOME) if isinstance(request, web.Request) else None
-        metrics = request.config_dict.get(METRICS) if isinstance(request, web.Request) else None
+        metrics = request.app.get(METRICS) if isinstance(request, web.Request) else None
         if metrics is not None:
             received = request.content.total_bytes
             metrics.answered(request.method, name, str(response.status), time, sent, received)

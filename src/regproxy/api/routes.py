@@ -92,14 +92,16 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v2", base.get_base)
     r.add_get("/v2/_catalog", catalog.list_catalog)
 
-    r.add_get(f"/v2/{NAME}/tags/list", tags.list_tags)
-    r.add_get(f"/v2/{NAME}/referrers/{{digest}}", referrers.list_referrers)
-
+    # aiohttp tries the /v2/{name}/... routes in this order (their paths end differently, so
+    # the order changes no match): manifests first, as every pull and cache probe starts there.
     manifest = f"/v2/{NAME}/manifests/{{reference}}"
     r.add_get(manifest, manifests.get_manifest, allow_head=False)
     r.add_head(manifest, manifests.head_manifest)
     r.add_put(manifest, manifests.put_manifest)
     r.add_delete(manifest, manifests.delete_manifest)
+
+    r.add_get(f"/v2/{NAME}/tags/list", tags.list_tags)
+    r.add_get(f"/v2/{NAME}/referrers/{{digest}}", referrers.list_referrers)
 
     r.add_post(f"/v2/{NAME}/blobs/uploads/", uploads.post_upload)
     r.add_post(f"/v2/{NAME}/blobs/uploads", uploads.post_upload)

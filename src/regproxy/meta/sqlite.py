@@ -30,7 +30,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiosqlite
 
@@ -97,6 +97,10 @@ _LINK_STALE = (
 # Rounds over the manifests while a round still finds garbage (an index or subject deleted in
 # one round frees its children or referrers in the next).
 _MANIFEST_ROUNDS = 10
+
+
+# The migrations shipped while ``PRAGMA user_version`` alone said what was applied.
+_BEFORE_SCHEMA_VERSION: Final = (1, 2, 3, 10)
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -176,15 +180,38 @@ class SqliteMetadataStore:
             return None
 
     async def _migrate(self) -> None:
+        """Apply each migration not applied yet, also one numbered below the highest applied
+        (numbers have gaps that branches fill in independently), as on PostgreSQL. Databases
+        from before the ``schema_version`` table only kept ``PRAGMA user_version``, the
+        highest applied: every migration shipped up to it was applied then."""
         async with self._transaction() as db:
-            rows = await db.execute_fetchall("PRAGMA user_version")
-            current = next(iter(rows))[0]
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                " version INTEGER PRIMARY KEY, applied REAL NOT NULL)"
+            )
+            applied = {
+                row[0] for row in await db.execute_fetchall("SELECT version FROM schema_version")
+            }
+            if not applied:
+                rows = await db.execute_fetchall("PRAGMA user_version")
+                before = next(iter(rows))[0]
+                applied = {version for version in _BEFORE_SCHEMA_VERSION if version <= before}
+                await db.executemany(
+                    "INSERT INTO schema_version (version, applied) VALUES (?, ?)",
+                    [(version, time.time()) for version in sorted(applied)],
+                )
             for version, script in _migrations():
-                if version > current:
+                if version not in applied:
                     for statement in script.split(";"):
                         if statement.strip():
                             await db.execute(statement)
-                    await db.execute(f"PRAGMA user_version={version}")
+                    await db.execute(
+                        "INSERT INTO schema_version (version, applied) VALUES (?, ?)",
+                        (version, time.time()),
+                    )
+                    applied.add(version)
+                    # Still the highest applied, for an older regproxy opening this file.
+                    await db.execute(f"PRAGMA user_version={max(applied)}")
 
     @asynccontextmanager
     async def _transaction(self, *, commit: bool = True) -> AsyncIterator[aiosqlite.Connection]:
