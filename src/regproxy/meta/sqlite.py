@@ -275,7 +275,7 @@ class SqliteMetadataStore:
         )
         return BlobRow(Digest.parse(row[0]), row[1], row[2], row[3]) if row else None
 
-    async def add_blob(self, repo: str, blob: BlobRow) -> BlobRow:
+    async def add_blob(self, repo: str, blob: BlobRow, *, upload_id: str | None = None) -> BlobRow:
         key = str(blob.digest)
 
         def add(db: sqlite3.Connection) -> BlobRow:
@@ -290,6 +290,8 @@ class SqliteMetadataStore:
                 " ON CONFLICT (repo, digest) DO UPDATE SET linked = excluded.linked",
                 (repo, key, now),
             )
+            if upload_id is not None:
+                db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
             row = db.execute(
                 "SELECT digest, size, storage_key FROM blobs WHERE digest = ?", (key,)
             ).fetchone()
