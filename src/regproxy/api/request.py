@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from regproxy import oci
 from regproxy.api.keys import CONFIG, REGISTRY
@@ -68,9 +68,25 @@ async def body_chunks(request: web.Request, size: int = CHUNK_SIZE) -> AsyncIter
     truncated upload is never mistaken for a complete one.
     """
     total = 0
-    async for chunk in rechunk(request.content.iter_any(), size):
+    async for chunk in rechunk(_buffers(request.content), size):
         total += len(chunk)
         yield chunk
     expected = request.content_length
     if expected is not None and total != expected:
         raise BlobUploadInvalid(f"body ended after {total} of {expected} bytes")
+
+
+async def _buffers(content: StreamReader) -> AsyncIterator[bytes]:
+    """A body as the socket delivered it, one buffer at a time.
+
+    ``readany()`` joins every buffer queued meanwhile: reading them one by one saves a copy
+    of most of a body (and the page faults of the join's fresh memory). ``readchunk()`` may
+    also stop at the end of a chunk of chunked transfer encoding with b"" alone, and an empty
+    body's reader keeps answering (b"", True): the end is ``at_eof()``.
+    """
+    while True:
+        data, _ = await content.readchunk()
+        if data:
+            yield data
+        elif content.at_eof():
+            return

@@ -149,8 +149,13 @@ class MetadataStore(Protocol):
 
     async def get_repo_blob(self, repo: str, digest: Digest) -> BlobRow | None: ...
 
-    async def add_blob(self, repo: str, blob: BlobRow) -> BlobRow:
-        """Record a blob (the existing row wins if the digest is known) and link it to repo."""
+    async def add_blob(self, repo: str, blob: BlobRow, *, upload_id: str | None = None) -> BlobRow:
+        """Record a blob (the existing row wins if the digest is known) and link it to repo.
+
+        With ``upload_id``, the row of the upload that produced the blob is deleted in the
+        same transaction: a finished upload costs one write, and no crash leaves its row
+        behind a recorded blob.
+        """
         ...
 
     async def link_blob(self, repo: str, digest: Digest) -> bool:

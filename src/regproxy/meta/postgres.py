@@ -333,7 +333,7 @@ class PostgresMetadataStore:
         )
         return [row[0] for row in rows]
 
-    async def add_blob(self, repo: str, blob: BlobRow) -> BlobRow:
+    async def add_blob(self, repo: str, blob: BlobRow, *, upload_id: str | None = None) -> BlobRow:
         now = time.time()
 
         async def work(db: Connection) -> Any:
@@ -352,6 +352,8 @@ class PostgresMetadataStore:
                 str(blob.digest),
                 now,
             )
+            if upload_id is not None:
+                await db.execute("DELETE FROM uploads WHERE id = $1", upload_id)
             return await db.fetchrow(
                 "SELECT digest, size, storage_key FROM blobs WHERE digest = $1", str(blob.digest)
             )

@@ -24,13 +24,14 @@ from collections.abc import (
     Callable,
     Collection,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiosqlite
 
@@ -52,6 +53,8 @@ from regproxy.meta.base import (
 )
 from regproxy.meta.cache import ManifestCache
 from regproxy.oci import Digest
+
+_T = TypeVar("_T")
 
 _PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -97,6 +100,18 @@ _LINK_STALE = (
 # Rounds over the manifests while a round still finds garbage (an index or subject deleted in
 # one round frees its children or referrers in the next).
 _MANIFEST_ROUNDS = 10
+
+
+@contextlib.contextmanager
+def _disk_full_as_oserror() -> Iterator[None]:
+    """SQLite's "database or disk is full" as the OSError of a full disk under the blobs:
+    callers handle one kind."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            raise OSError(errno.ENOSPC, "database or disk is full") from exc
+        raise
 
 
 # The migrations shipped while ``PRAGMA user_version`` alone said what was applied.
@@ -216,7 +231,7 @@ class SqliteMetadataStore:
     @asynccontextmanager
     async def _transaction(self, *, commit: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
-            try:
+            with _disk_full_as_oserror():
                 try:
                     await self._writer.execute("BEGIN IMMEDIATE")
                     yield self._writer
@@ -228,11 +243,37 @@ class SqliteMetadataStore:
                     with contextlib.suppress(sqlite3.OperationalError):
                         await self._writer.execute("ROLLBACK")
                     raise
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                    # The same error as a full disk under the blobs: callers handle one kind.
-                    raise OSError(errno.ENOSPC, "database or disk is full") from exc
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn`` as one write transaction, BEGIN to COMMIT, in a single trip to the
+        writer connection's thread.
+
+        The request path's writes are a few statements each: run one await at a time (as
+        ``_transaction`` does), each statement is a trip to the thread and back, and the
+        write lock is held across every one of those event-loop turns. aiosqlite runs
+        queued functions on its thread in order, so a function still running there when
+        its caller was cancelled (and the lock released) finishes before the next one
+        starts.
+        """
+
+        def run(db: sqlite3.Connection) -> _T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.OperationalError):  # rolled back already
+                    db.execute("ROLLBACK")
                 raise
+            return result
+
+        async with self._write_lock:
+            with _disk_full_as_oserror():
+                return await _on_thread(self._writer, run)
+
+    async def _write_rowcount(self, sql: str, params: Sequence[Any]) -> bool:
+        """One statement as a write transaction (one trip); whether it changed a row."""
+        return await self._write(lambda db: db.execute(sql, params).rowcount > 0)
 
     async def _one(self, sql: str, params: Sequence[Any]) -> Any:
         rows = list(await self._reader.execute_fetchall(sql, params))
@@ -261,29 +302,33 @@ class SqliteMetadataStore:
         )
         return BlobRow(Digest.parse(row[0]), row[1], row[2], row[3]) if row else None
 
-    async def add_blob(self, repo: str, blob: BlobRow) -> BlobRow:
-        async with self._transaction() as db:
-            await db.execute(
+    async def add_blob(self, repo: str, blob: BlobRow, *, upload_id: str | None = None) -> BlobRow:
+        key = str(blob.digest)
+
+        def add(db: sqlite3.Connection) -> BlobRow:
+            now = time.time()
+            db.execute(
                 "INSERT OR IGNORE INTO blobs (digest, size, storage_key, created)"
                 " VALUES (?, ?, ?, ?)",
-                (str(blob.digest), blob.size, blob.storage_key, time.time()),
+                (key, blob.size, blob.storage_key, now),
             )
-            await db.execute(
+            db.execute(
                 "INSERT INTO repository_blobs (repo, digest, linked) VALUES (?, ?, ?)"
                 " ON CONFLICT (repo, digest) DO UPDATE SET linked = excluded.linked",
-                (repo, str(blob.digest), time.time()),
+                (repo, key, now),
             )
-            rows = list(
-                await db.execute_fetchall(
-                    "SELECT digest, size, storage_key FROM blobs WHERE digest = ?",
-                    (str(blob.digest),),
-                )
-            )
-        return _blob(rows[0])
+            if upload_id is not None:
+                db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
+            row = db.execute(
+                "SELECT digest, size, storage_key FROM blobs WHERE digest = ?", (key,)
+            ).fetchone()
+            return _blob(row)
+
+        return await self._write(add)
 
     async def link_blob(self, repo: str, digest: Digest) -> bool:
-        async with self._transaction() as db:
-            cursor = await db.execute(
+        def link(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
                 "INSERT INTO repository_blobs (repo, digest, linked)"
                 " SELECT ?, digest, ? FROM blobs WHERE digest = ?"
                 " ON CONFLICT (repo, digest) DO UPDATE SET linked = excluded.linked",
@@ -291,13 +336,13 @@ class SqliteMetadataStore:
             )
             return cursor.rowcount > 0
 
+        return await self._write(link)
+
     async def touch_link(self, repo: str, digest: Digest, now: float) -> bool:
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "UPDATE repository_blobs SET linked = max(linked, ?) WHERE repo = ? AND digest = ?",
-                (now, repo, str(digest)),
-            )
-            return cursor.rowcount > 0
+        return await self._write_rowcount(
+            "UPDATE repository_blobs SET linked = max(linked, ?) WHERE repo = ? AND digest = ?",
+            (now, repo, str(digest)),
+        )
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
         async with self._transaction() as db:
@@ -323,31 +368,8 @@ class SqliteMetadataStore:
         return _blob(rows[0])
 
     async def missing_references(self, repo: str, refs: Iterable[Reference]) -> list[Reference]:
-        return await self._missing(self._reader, repo, list(refs))
-
-    async def _missing(
-        self, db: aiosqlite.Connection, repo: str, refs: list[Reference]
-    ) -> list[Reference]:
-        absent: set[tuple[str, bool]] = set()
-        # A few queries for all of them: a manifest with 50 layers costs one round trip, not
-        # 50; batches keep each query under SQLite's limit on bound parameters.
-        for start in range(0, len(refs), _REFERENCE_BATCH):
-            batch = refs[start : start + _REFERENCE_BATCH]
-            params: list[Any] = []
-            for ref in batch:
-                params += [str(ref.digest), int(ref.is_manifest)]
-            values = ", ".join("(?, ?)" for _ in batch)
-            rows = await db.execute_fetchall(
-                f"WITH wanted(digest, is_manifest) AS (VALUES {values})"
-                " SELECT w.digest, w.is_manifest FROM wanted w WHERE NOT ("
-                " (w.is_manifest = 1 AND EXISTS (SELECT 1 FROM manifests m"
-                "   WHERE m.repo = ? AND m.digest = w.digest))"
-                " OR (w.is_manifest = 0 AND EXISTS (SELECT 1 FROM repository_blobs b"
-                "   WHERE b.repo = ? AND b.digest = w.digest)))",
-                [*params, repo, repo],
-            )
-            absent.update((row[0], bool(row[1])) for row in rows)
-        return [ref for ref in refs if (str(ref.digest), ref.is_manifest) in absent]
+        wanted = list(refs)
+        return await _on_thread(self._reader, lambda db: _missing(db, repo, wanted))
 
     # -- manifests and tags -------------------------------------------------------------------
 
@@ -383,14 +405,16 @@ class SqliteMetadataStore:
     ) -> list[Reference]:
         now = time.time()
         digest = str(manifest.digest)
-        async with self._transaction() as db:
+        wanted = list(refs)
+
+        def put(db: sqlite3.Connection) -> list[Reference]:
             if check_references:
                 # In the write transaction: no GC can delete a blob between this check and
                 # the insert of the references that keep it alive.
-                missing = await self._missing(db, repo, list(refs))
+                missing = _missing(db, repo, wanted)
                 if missing:
                     return missing
-            await db.execute(
+            db.execute(
                 "INSERT OR IGNORE INTO manifests"
                 " (repo, digest, media_type, content, subject, artifact_type, created)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -404,18 +428,20 @@ class SqliteMetadataStore:
                     now,
                 ),
             )
-            await db.executemany(
+            db.executemany(
                 "INSERT OR IGNORE INTO manifest_references (repo, digest, child, is_manifest)"
                 " VALUES (?, ?, ?, ?)",
-                [(repo, digest, str(ref.digest), int(ref.is_manifest)) for ref in refs],
+                [(repo, digest, str(ref.digest), int(ref.is_manifest)) for ref in wanted],
             )
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO tags (repo, tag, digest, updated) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest,"
                 " updated = excluded.updated",
                 [(repo, tag, digest, now) for tag in tags],
             )
-        return []
+            return []
+
+        return await self._write(put)
 
     async def delete_manifest(self, repo: str, digest: Digest) -> bool:
         key = str(digest)
@@ -713,20 +739,19 @@ class SqliteMetadataStore:
     # -- uploads ------------------------------------------------------------------------------
 
     async def create_upload(self, upload: UploadRow) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                'INSERT INTO uploads (id, repo, algorithm, "offset", state, started, updated)'
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    upload.id,
-                    upload.repo,
-                    upload.algorithm,
-                    upload.offset,
-                    upload.state,
-                    upload.started,
-                    upload.updated,
-                ),
-            )
+        await self._write_rowcount(
+            'INSERT INTO uploads (id, repo, algorithm, "offset", state, started, updated)'
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                upload.id,
+                upload.repo,
+                upload.algorithm,
+                upload.offset,
+                upload.state,
+                upload.started,
+                upload.updated,
+            ),
+        )
 
     async def get_upload(self, upload_id: str) -> UploadRow | None:
         row = await self._one(
@@ -739,13 +764,10 @@ class SqliteMetadataStore:
     async def update_upload(
         self, upload_id: str, offset: int, state: str, now: float, *, expected: float
     ) -> bool:
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                'UPDATE uploads SET "offset" = ?, state = ?, updated = ?'
-                " WHERE id = ? AND updated = ?",
-                (offset, state, now, upload_id, expected),
-            )
-            return cursor.rowcount > 0
+        return await self._write_rowcount(
+            'UPDATE uploads SET "offset" = ?, state = ?, updated = ? WHERE id = ? AND updated = ?',
+            (offset, state, now, upload_id, expected),
+        )
 
     async def delete_upload(self, upload_id: str, *, expected: float | None = None) -> bool:
         sql = "DELETE FROM uploads WHERE id = ?"
@@ -753,9 +775,7 @@ class SqliteMetadataStore:
         if expected is not None:
             sql += " AND updated = ?"
             params.append(expected)
-        async with self._transaction() as db:
-            cursor = await db.execute(sql, params)
-            return cursor.rowcount > 0
+        return await self._write_rowcount(sql, params)
 
     async def stale_uploads(self, before: float) -> list[UploadRow]:
         rows = await self._all(
@@ -1144,6 +1164,40 @@ def _cached_ranges(prefixes: Sequence[str], alias: str) -> tuple[str, dict[str, 
 def _prefix_range(prefix: str) -> dict[str, str]:
     """Bounds of the repository names under ``<prefix>/``: ``lo <= repo < hi``."""
     return {"lo": prefix + "/", "hi": prefix + chr(ord("/") + 1)}
+
+
+def _missing(db: sqlite3.Connection, repo: str, refs: list[Reference]) -> list[Reference]:
+    """Which of ``refs`` ``repo`` does not hold (on a connection's own thread)."""
+    absent: set[tuple[str, bool]] = set()
+    # A few queries for all of them: a manifest with 50 layers costs one query, not 50;
+    # batches keep each query under SQLite's limit on bound parameters.
+    for start in range(0, len(refs), _REFERENCE_BATCH):
+        batch = refs[start : start + _REFERENCE_BATCH]
+        params: list[Any] = []
+        for ref in batch:
+            params += [str(ref.digest), int(ref.is_manifest)]
+        values = ", ".join("(?, ?)" for _ in batch)
+        rows = db.execute(
+            f"WITH wanted(digest, is_manifest) AS (VALUES {values})"
+            " SELECT w.digest, w.is_manifest FROM wanted w WHERE NOT ("
+            " (w.is_manifest = 1 AND EXISTS (SELECT 1 FROM manifests m"
+            "   WHERE m.repo = ? AND m.digest = w.digest))"
+            " OR (w.is_manifest = 0 AND EXISTS (SELECT 1 FROM repository_blobs b"
+            "   WHERE b.repo = ? AND b.digest = w.digest)))",
+            [*params, repo, repo],
+        ).fetchall()
+        absent.update((row[0], bool(row[1])) for row in rows)
+    return [ref for ref in refs if (str(ref.digest), ref.is_manifest) in absent]
+
+
+async def _on_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    """``fn`` with ``conn``'s sqlite3 connection, on ``conn``'s thread: one trip there and back.
+
+    aiosqlite queues such functions with the statements it runs, in order; it has no public
+    name for that or for the sqlite3 connection (``_execute`` and ``_conn`` since 0.17).
+    """
+    result: _T = await conn._execute(lambda: fn(conn._conn))  # type: ignore[no-untyped-call]
+    return result
 
 
 async def _prune_manifests(db: aiosqlite.Connection, repo: str, digests: set[str]) -> set[str]:

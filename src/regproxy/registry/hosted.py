@@ -229,11 +229,12 @@ class HostedRegistry:
                 )
             async with self._digest_lock(digest):
                 key = await writer.commit(digest)
-                blob = await self.meta.add_blob(repo, BlobRow(digest, size, key))
+                blob = await self.meta.add_blob(
+                    repo, BlobRow(digest, size, key), upload_id=upload_id
+                )
+            self._hashers.pop(upload_id, None)
             if blob.storage_key != key:  # another upload of the same bytes got there first
                 await self.storage.delete(key)
-            self._hashers.pop(upload_id, None)
-            await self.meta.delete_upload(upload_id)
             return blob
 
     async def put_blob(self, repo: str, digest: Digest, body: AsyncIterator[bytes]) -> BlobRow:
@@ -309,11 +310,12 @@ class HostedRegistry:
             )
         log.info("upload %s: its bytes were published before a crash; finishing it", upload.id)
         async with self._digest_lock(digest):
-            blob = await self.meta.add_blob(upload.repo, BlobRow(digest, size, key))
+            blob = await self.meta.add_blob(
+                upload.repo, BlobRow(digest, size, key), upload_id=upload.id
+            )
+        self._hashers.pop(upload.id, None)
         if blob.storage_key != key:  # another upload of the same bytes got there first
             await self.storage.delete(key)
-        self._hashers.pop(upload.id, None)
-        await self.meta.delete_upload(upload.id)
         return blob
 
     async def _stored_as(self, key: str, size: int, digest: Digest) -> bool:
