@@ -23,6 +23,13 @@ from tests.helpers import Client, app_of, make_config
 MakeClient = Callable[[Config], Awaitable[Client]]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end tests first (otherwise in collection order): they include every long test,
+    so with pytest-xdist (``--dist worksteal``) they start early and the short unit tests
+    even out the workers at the end, instead of one long test running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return make_config(tmp_path)

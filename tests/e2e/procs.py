@@ -92,7 +92,9 @@ async def wait_http(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{url} did not answer in {timeout}s: {last_error!r}")
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.5)
+        # A refused connection costs next to nothing: poll often, so a server that is up is
+        # seen within 0.1 s (a 0.5 s cap wasted ~0.25 s of every start, hundreds of them).
+        delay = min(delay * 2, 0.1)
 
 
 async def _get_status(url: str, connector: aiohttp.BaseConnector | None) -> int:

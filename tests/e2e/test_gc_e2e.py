@@ -3,7 +3,7 @@
 - 20 images sharing base layers, 10 deleted (by tag and by digest), ``regproxy gc`` in another
   process: exactly the bytes only the deleted images used are gone, the rest pulls byte-exact
   with skopeo.
-- GC racing pushes: 4 clients push 50 images each (blobs, a pause of up to 1 s, the manifest),
+- GC racing pushes: 4 clients push 25 images each (blobs, a pause of up to 1 s, the manifest),
   reusing blobs that GC may be collecting at that moment, while GC runs in a tight loop with
   ``grace = 2``: in the server (filesystem, S3) or as ``regproxy gc`` in a loop beside it. No
   push may fail with MANIFEST_BLOB_UNKNOWN or BLOB_UNKNOWN, and every accepted image pulls.
@@ -306,14 +306,16 @@ async def race(
                 if gc_process
                 else None
             )
-            await asyncio.gather(*(pusher.run(50) for pusher in pushers))
+            await asyncio.gather(*(pusher.run(IMAGES) for pusher in pushers))
         statuses = sum((p.statuses for p in pushers), Counter[str]())
         assert statuses["MANIFEST_BLOB_UNKNOWN"] == 0 and statuses["BLOB_UNKNOWN"] == 0, (
             statuses,
             [p.failures for p in pushers],
         )
-        assert statuses["accepted"] + statuses["late"] == 200, statuses
-        assert statuses["late"] <= 10, statuses  # the pauses leave the client 1 s to spare
+        pushed = IMAGES * len(pushers)
+        assert statuses["accepted"] + statuses["late"] == pushed, statuses
+        # The pauses leave the client 1 s to spare: at most 1 in 20 may come late.
+        assert statuses["late"] <= pushed // 20, statuses
         # GC was busy: reused blobs were found both collected and still there.
         assert statuses["reuse-upload"] > 0, statuses
         if passes is not None:
@@ -326,6 +328,9 @@ async def race(
 
 # gc.grace is 2 s; a manifest refused this long after its first blob was sent may be late.
 LATE = 1.5
+# Images each pusher pushes. With HEAD's refresh of the link disabled in src (a mutation), 25
+# gave 34 MANIFEST_BLOB_UNKNOWN of 100, and 12 re-uploads of collected blobs when intact.
+IMAGES = 25
 GC_TOML = '[gc]\ninterval = {interval}\ngrace = 2.0\nuntagged = "delete"\n'
 
 

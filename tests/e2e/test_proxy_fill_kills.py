@@ -59,7 +59,9 @@ async def test_fill_killed_three_times_resumes(tmp_path: Path) -> None:
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     fake.base_url = None
-    config = f'[upstreams."fake"]\nurl = "http://127.0.0.1:{port}"\n'
+    # A killed process's fill lease blocks the next one until it expires: the shortest
+    # lease allowed (renewed every second) rather than the default minute per phase.
+    config = f'[upstreams."fake"]\nurl = "http://127.0.0.1:{port}"\n[cluster]\nlease_ttl = 3\n'
     data_dir = tmp_path / "data"
     spool, uploads = data_dir / "spool", data_dir / "blobs" / "uploads"
     url_path = f"/v2/fake/{REPO}/blobs/{digest}"

@@ -46,13 +46,17 @@ async def pull(client: Client, repo: str, reference: str) -> tuple[bytes, dict[s
 
 
 async def settle(client: Client) -> None:
-    """Wait until no fill is in flight and the eviction they triggered has finished."""
-    app = app_of(client)
+    """Wait until no fill is in flight and the eviction they triggered has finished.
+
+    A fill leaves ``filling()`` before it has released its lease and asked for an eviction
+    (that is the end of its task), so wait for the proxy's tasks too: otherwise, on a loaded
+    machine, the eviction may not have started yet when ``settled()`` is asked."""
+    proxy = app_of(client)[PROXY]
     for _ in range(1000):
-        if not app[PROXY].filling():
+        if not proxy.filling() and all(task.done() for task in proxy._tasks):
             break
         await asyncio.sleep(0.01)
-    await app[EVICTOR].settled()
+    await app_of(client)[EVICTOR].settled()
 
 
 def stored_bytes(client: Client) -> int:
