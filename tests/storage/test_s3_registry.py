@@ -303,7 +303,7 @@ async def test_purge_loses_to_a_finish_that_came_first(
 
 
 async def test_finish_loses_to_a_purge_that_came_first(
-    make_client: MakeClient, s3: S3, tmp_path: Path
+    make_client: MakeClient, s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A finish whose upload was purged while its last body arrived publishes nothing."""
     config = s3.app_config(tmp_path, uploads__max_age=0.2)
@@ -313,9 +313,21 @@ async def test_finish_loses_to_a_purge_that_came_first(
     location = await start_upload(client, REPO)
     await asyncio.sleep(0.3)
     purged = asyncio.Event()
+    # The purge must come once the finish has found the upload and reads its body: purging
+    # before that is a plain 404 for an unknown upload (a race a fast purge can win).
+    serving = app_of(client)[HOSTED]
+    receiving = asyncio.Event()
+    receive = serving._receive
+
+    async def noted_receive(*args: Any, **kwargs: Any) -> Any:
+        receiving.set()
+        return await receive(*args, **kwargs)
+
+    monkeypatch.setattr(serving, "_receive", noted_receive)
 
     async def body() -> Any:
         yield data[:1000]
+        await receiving.wait()
         # Another process purges the idle upload while this request is still sending.
         assert await other_process.purge_stale_uploads(0.2) == 1
         purged.set()
