@@ -114,35 +114,64 @@ async def replicas(
     tmp_path: Path, count: int, config: str, *, env: dict[str, str] | None = None
 ) -> AsyncIterator[list[Replica]]:
     """``count`` replicas, each with its own data directory, port, ``cluster.node`` and
-    ``cluster.advertise_url``, sharing everything in ``config``."""
+    ``cluster.advertise_url``, sharing everything in ``config``; started side by side."""
     started: list[Replica] = []
     try:
-        for n in range(count):
-            name = "abcdefgh"[n]
-            base = tmp_path / f"replica-{name}"
-            base.mkdir(parents=True)
-            port = free_port()
-            (base / "config.toml").write_text(config)
-            settings = {
-                "REGPROXY_CLUSTER_NODE": f"node-{name}",
-                "REGPROXY_CLUSTER_ADVERTISE_URL": f"http://127.0.0.1:{port}",
-                **(env or {}),
-            }
-            process = await start_process(
-                regproxy_argv(port, base / "data", base / "config.toml"),
-                base / "regproxy.log",
-                env=regproxy_env(settings),
-                cwd=base,
-            )
-            started.append(Replica(name, port, process))
-        for replica in started:
-            status = await wait_http(f"{replica.url}/healthz", 60, alive=replica.process.alive)
-            if status != 200:
-                raise ProcessError(f"replica {replica.name}: /healthz {status}")
-        yield started
+        names = "abcdefgh"[:count]
+        results = await asyncio.gather(
+            *(_start_replica(tmp_path, name, config, env, started) for name in names),
+            return_exceptions=True,  # the others are stopped too, once they have started
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        yield sorted(started, key=lambda replica: replica.name)
     finally:
         for replica in started:
             await replica.process.stop(15)
+
+
+async def _start_replica(
+    tmp_path: Path,
+    name: str,
+    config: str,
+    env: dict[str, str] | None,
+    started: list[Replica],
+) -> None:
+    """Start replica ``name`` and add it to ``started`` once ``/healthz`` answers 200.
+
+    The port is free when chosen but may be taken before the replica binds it (another test's
+    server binding port 0 meanwhile): then another server answers, or the replica cannot
+    listen, and it starts again on another port."""
+    base = tmp_path / f"replica-{name}"
+    base.mkdir(parents=True)
+    (base / "config.toml").write_text(config)
+    for attempt in range(3):
+        port = free_port()
+        settings = {
+            "REGPROXY_CLUSTER_NODE": f"node-{name}",
+            "REGPROXY_CLUSTER_ADVERTISE_URL": f"http://127.0.0.1:{port}",
+            **(env or {}),
+        }
+        process = await start_process(
+            regproxy_argv(port, base / "data", base / "config.toml"),
+            base / f"regproxy-{attempt}.log" if attempt else base / "regproxy.log",
+            env=regproxy_env(settings),
+            cwd=base,
+        )
+        replica = Replica(name, port, process)
+        status: int | None = None
+        try:
+            status = await wait_http(f"{replica.url}/healthz", 60, alive=process.alive)
+        except ProcessError:
+            pass
+        if status == 200:
+            started.append(replica)
+            return
+        await process.stop(15)
+        taken = status is not None or "address already in use" in process.log_tail().lower()
+        if attempt == 2 or not taken:
+            raise ProcessError(f"replica {name}: /healthz {status}\n{process.log_tail()}")
 
 
 def three_layer_image(fake: FakeUpstream, seed: str, tag: str = "v1") -> FakeImage:
