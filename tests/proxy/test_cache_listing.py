@@ -27,8 +27,12 @@ async def test_cached_images_and_usage(proxy: Client, upstream: FakeUpstream) ->
     await _pull_all(proxy, "fake/lib/app", "v1", index.media_type)
     for image, repo in ((amd64, "fake/lib/app"), (arm64, "fake/lib/app"), (tool, "fake/lib/tool")):
         await _pull_all(proxy, repo, image.digest)
-        for digest in image.blobs:
-            assert (await proxy.get(f"/v2/{repo}/blobs/{digest}")).status == 200
+        for digest, content in image.blobs.items():
+            resp = await proxy.get(f"/v2/{repo}/blobs/{digest}")
+            assert resp.status == 200
+            # Read to the end: its last byte comes once the blob is cached, so the listing
+            # below never races a fill still running.
+            assert await resp.read() == content
     await _pull_all(proxy, "fake/lib/tool", "2")
     await push_image(proxy, "team/hosted", "1")  # hosted: not part of any cache
 
